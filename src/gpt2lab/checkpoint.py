@@ -1,0 +1,141 @@
+"""Checkpoints: a folder with ``model.safetensors`` and a readable ``config.json``.
+
+``config.json`` holds ``{"format": "gpt2lab", "format_version": 1, "model": {GPTConfig}}``
+plus whatever the writer adds (training adds its state beside it). Weights are
+safetensors, so loading never unpickles anything. The tied LM head is stored once, as
+``transformer.wte.weight``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from gpt2lab.errors import Gpt2LabError
+from gpt2lab.model import GPT, GPTConfig
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+FORMAT = "gpt2lab"
+FORMAT_VERSION = 1
+TIED_KEYS = ("lm_head.weight",)  # the same tensor as transformer.wte.weight
+
+
+def read_json(path: Path) -> dict:
+    """A JSON object from a file, or one clear error naming the file."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise Gpt2LabError(f"{path}: file not found") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise Gpt2LabError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise Gpt2LabError(f"{path}: expected a JSON object")
+    return data
+
+
+def is_checkpoint(folder: str | Path) -> bool:
+    """True if the folder's config.json says it is a gpt2lab checkpoint."""
+    path = Path(folder) / CONFIG_NAME
+    if not path.is_file():
+        return False
+    try:
+        return json.loads(path.read_text()).get("format") == FORMAT
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+        return False
+
+
+def save_model(model: GPT, folder: str | Path, extra: dict | None = None) -> Path:
+    """Write weights and config into folder (created if needed); return the folder."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items() if k not in TIED_KEYS}
+    save_file(state, str(folder / WEIGHTS_NAME), metadata={"format": "pt"})
+    config = {"format": FORMAT, "format_version": FORMAT_VERSION, "model": model.config.to_dict(), **(extra or {})}
+    (folder / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
+    return folder
+
+
+def read_model_config(folder: str | Path) -> GPTConfig:
+    path = Path(folder) / CONFIG_NAME
+    data = read_json(path)
+    if data.get("format") != FORMAT or not isinstance(data.get("model"), dict):
+        raise Gpt2LabError(f"{path}: not a gpt2lab checkpoint config (no \"format\": \"gpt2lab\" and \"model\")")
+    try:
+        return GPTConfig.from_dict(data["model"])
+    except (TypeError, ValueError) as e:
+        raise Gpt2LabError(f"{path}: invalid model config: {e}") from None
+
+
+def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Tensors of a safetensors file, or one clear error naming it (missing, truncated, foreign)."""
+    path = Path(path)
+    if not path.is_file():
+        raise Gpt2LabError(f"{path}: file not found")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise Gpt2LabError(f"{path}: not a readable safetensors file (truncated or corrupt?): {e}") from None
+
+
+def empty_model(config: GPTConfig) -> GPT:
+    """A GPT with uninitialised CPU weights, to be filled by loading (skips the random init)."""
+    with torch.device("meta"):
+        model = GPT(config)
+    model = model.to_empty(device="cpu")
+    model.transformer.wte.weight = model.lm_head.weight  # keep the tie explicit after to_empty
+    return model
+
+
+def check_and_load(model: GPT, state: dict[str, torch.Tensor], source: Path) -> None:
+    """Load state into model after checking keys and shapes; errors name the source file."""
+    expected = {k: v.shape for k, v in model.state_dict().items() if k not in TIED_KEYS}
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected) - set(TIED_KEYS))
+    if missing or unexpected:
+        raise Gpt2LabError(
+            f"{source}: weights do not match the config: missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
+    for k, shape in expected.items():
+        if state[k].shape != shape:
+            raise Gpt2LabError(
+                f"{source}: {k} has shape {tuple(state[k].shape)} but the config needs {tuple(shape)}"
+            )
+    with torch.no_grad():
+        model.load_state_dict({k: v for k, v in state.items() if k not in TIED_KEYS}, strict=False)
+
+
+def load_model(folder: str | Path, device: str | torch.device = "cpu") -> GPT:
+    """A GPT from a gpt2lab checkpoint folder."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise Gpt2LabError(f"{folder}: no such checkpoint folder")
+    if not (folder / CONFIG_NAME).is_file():
+        raise Gpt2LabError(f"{folder}: not a checkpoint (no {CONFIG_NAME})")
+    config = read_model_config(folder)
+    state = load_state_dict(folder / WEIGHTS_NAME)
+    model = empty_model(config)
+    check_and_load(model, state, folder / WEIGHTS_NAME)
+    return model.to(device)
+
+
+def checkpoint_dirs(run_dir: str | Path) -> list[Path]:
+    """Complete checkpoints of a run, oldest first: RUN_DIR/checkpoints/step_NNNNNNN/.
+
+    A save is written to a temporary folder and renamed, so every ``step_*`` folder is complete.
+    """
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    found = [p for p in root.glob("step_*") if p.is_dir() and p.name[5:].isdigit() and is_checkpoint(p)]
+    return sorted(found, key=lambda p: int(p.name[5:]))
+
+
+def find_latest(run_dir: str | Path) -> Path | None:
+    """The newest complete checkpoint of a run folder, or None."""
+    dirs = checkpoint_dirs(run_dir)
+    return dirs[-1] if dirs else None

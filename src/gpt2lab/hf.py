@@ -1,0 +1,191 @@
+"""Hugging Face GPT-2 weights in and out.
+
+Hugging Face stores GPT-2's projections as ``Conv1D`` (weight shape (in, out)); gpt2lab uses
+``nn.Linear`` (out, in), so those four weights are transposed on the way in and out. Export
+drops the padded vocabulary rows and the tied ``lm_head.weight`` (transformers re-ties it).
+``transformers`` itself is never imported here; ``huggingface_hub`` only for hub downloads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from gpt2lab.checkpoint import check_and_load, empty_model, load_state_dict, read_json
+from gpt2lab.errors import Gpt2LabError
+from gpt2lab.model import GPT, PRESETS, GPTConfig
+
+CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias")  # causal-mask buffers in older HF files
+HUB_NAMES = tuple(PRESETS)  # gpt2, gpt2-medium, gpt2-large, gpt2-xl
+HUB_FILES = ["config.json", "model.safetensors", "vocab.json", "merges.txt", "tokenizer_config.json"]
+# OpenAI's file names -> Hugging Face's, for the same two tokenizer files
+TOKENIZER_FILE_NAMES = {"encoder.json": "vocab.json", "vocab.bpe": "merges.txt"}
+
+
+def config_from_hf(hf: dict, source: Path | str = "config.json") -> GPTConfig:
+    """A GPTConfig from a Hugging Face GPT-2 config.json dict; unsupported options are an error."""
+    if hf.get("model_type", "gpt2") != "gpt2":
+        raise Gpt2LabError(f"{source}: model_type is {hf.get('model_type')!r}, not 'gpt2'")
+    unsupported = {
+        "activation_function": ("gelu_new", None),
+        "scale_attn_by_inverse_layer_idx": (False, None),
+        "reorder_and_upcast_attn": (False, None),
+        "add_cross_attention": (False, None),
+        "scale_attn_weights": (True, None),
+    }
+    for key, allowed in unsupported.items():
+        if hf.get(key) not in allowed:
+            raise Gpt2LabError(f"{source}: {key}={hf[key]!r} is not supported (GPT-2 uses {allowed[0]!r})")
+    n_inner = hf.get("n_inner")
+    if n_inner is not None and n_inner != 4 * hf["n_embd"]:
+        raise Gpt2LabError(f"{source}: n_inner={n_inner} is not supported (GPT-2 uses 4 * n_embd)")
+    try:
+        return GPTConfig(
+            block_size=hf["n_positions"],
+            vocab_size=hf["vocab_size"],
+            n_layer=hf["n_layer"],
+            n_head=hf["n_head"],
+            n_embd=hf["n_embd"],
+            layer_norm_epsilon=hf.get("layer_norm_epsilon", 1e-5),
+        )
+    except KeyError as e:
+        raise Gpt2LabError(f"{source}: missing key {e}") from None
+
+
+def config_to_hf(config: GPTConfig) -> dict:
+    """A Hugging Face GPT-2 config.json dict for this config (vocabulary unpadded)."""
+    hf = {
+        "architectures": ["GPT2LMHeadModel"],
+        "model_type": "gpt2",
+        "vocab_size": config.vocab_size,
+        "n_positions": config.block_size,
+        "n_ctx": config.block_size,
+        "n_embd": config.n_embd,
+        "n_layer": config.n_layer,
+        "n_head": config.n_head,
+        "n_inner": None,
+        "activation_function": "gelu_new",
+        "resid_pdrop": config.dropout,
+        "embd_pdrop": config.dropout,
+        "attn_pdrop": config.dropout,
+        "layer_norm_epsilon": config.layer_norm_epsilon,
+        "initializer_range": 0.02,
+        "scale_attn_weights": True,
+        "tie_word_embeddings": True,
+        "use_cache": True,
+    }
+    if config.vocab_size > 50256:  # GPT-2's <|endoftext|> exists in this vocabulary
+        hf |= {"bos_token_id": 50256, "eos_token_id": 50256}
+    return hf
+
+
+def from_hf_state_dict(state: dict[str, torch.Tensor], config: GPTConfig, source: Path | str) -> GPT:
+    """A GPT holding Hugging Face GPT-2 weights (Conv1D layout, with or without 'transformer.')."""
+    converted = {}
+    for key, tensor in state.items():
+        if key.endswith(IGNORED_SUFFIXES):
+            continue
+        if not key.startswith(("transformer.", "lm_head.")):
+            key = "transformer." + key  # the original OpenAI-converted files omit the prefix
+        converted[key] = tensor.t() if key.endswith(CONV1D_WEIGHTS) else tensor
+    wte = converted.get("transformer.wte.weight")
+    if wte is not None and config.padded_vocab_size and wte.size(0) == config.vocab_size:
+        pad = wte.new_zeros(config.padded_vocab_size - config.vocab_size, wte.size(1))
+        converted["transformer.wte.weight"] = torch.cat([wte, pad])
+    model = empty_model(config)
+    check_and_load(model, converted, source)
+    return model
+
+
+def to_hf_state_dict(model: GPT) -> dict[str, torch.Tensor]:
+    """The model's weights in Hugging Face GPT-2 layout: Conv1D transposed, no padding, no lm_head."""
+    V = model.config.vocab_size
+    out = {}
+    for key, tensor in model.state_dict().items():
+        if key == "lm_head.weight":
+            continue
+        tensor = tensor.detach().to("cpu")
+        if key.endswith(CONV1D_WEIGHTS):
+            tensor = tensor.t()
+        elif key == "transformer.wte.weight":
+            tensor = tensor[:V]
+        out[key] = tensor.contiguous()
+    return out
+
+
+def load_hf_folder(folder: str | Path) -> GPT:
+    """A GPT from a local Hugging Face GPT-2 folder (config.json + model.safetensors or pytorch_model.bin)."""
+    folder = Path(folder)
+    config = config_from_hf(read_json(folder / "config.json"), folder / "config.json")
+    if (folder / "model.safetensors").is_file():
+        source = folder / "model.safetensors"
+        state = load_state_dict(source)
+    elif (folder / "pytorch_model.bin").is_file():
+        source = folder / "pytorch_model.bin"
+        try:
+            state = torch.load(source, map_location="cpu", weights_only=True)  # never unpickle objects
+        except Exception as e:
+            raise Gpt2LabError(f"{source}: could not be read as plain tensors: {e}") from None
+    else:
+        raise Gpt2LabError(f"{folder}: no model.safetensors or pytorch_model.bin")
+    return from_hf_state_dict(state, config, source)
+
+
+def download(repo_id: str) -> Path:
+    """Fetch a GPT-2 repository from the Hugging Face hub (or its local cache); return the folder."""
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        raise Gpt2LabError(
+            f"loading {repo_id!r} from the hub needs huggingface_hub: pip install 'gpt2lab[hf]'"
+        ) from None
+    try:
+        return Path(snapshot_download(repo_id=repo_id, allow_patterns=HUB_FILES))
+    except Exception as e:
+        raise Gpt2LabError(
+            f"could not fetch {repo_id!r} from the Hugging Face hub or its cache (offline?): "
+            f"{type(e).__name__}. Pass a local Hugging Face folder or a gpt2lab checkpoint instead."
+        ) from None
+
+
+def export_hf(model: GPT, out_dir: str | Path, tokenizer_files: tuple[Path, Path] | None = None) -> Path:
+    """Write a Hugging Face GPT-2 folder: config.json, model.safetensors, tokenizer files if given."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    config = config_to_hf(model.config)
+    config["torch_dtype"] = str(next(model.parameters()).dtype).removeprefix("torch.")
+    save_file(to_hf_state_dict(model), str(out_dir / "model.safetensors"), metadata={"format": "pt"})
+    (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    if tokenizer_files is not None:
+        encoder, vocab = tokenizer_files
+        shutil.copyfile(encoder, out_dir / "vocab.json")
+        shutil.copyfile(vocab, out_dir / "merges.txt")
+        tok_config = {"tokenizer_class": "GPT2Tokenizer", "model_max_length": model.config.block_size}
+        tok_config |= {"bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>"}
+        (out_dir / "tokenizer_config.json").write_text(json.dumps(tok_config, indent=2) + "\n")
+    return out_dir
+
+
+def export_command(args: argparse.Namespace) -> int:
+    """`gpt2lab export CHECKPOINT OUT_DIR`."""
+    from gpt2lab.loading import load_model
+    from gpt2lab.tokenizer import get_tokenizer
+
+    model = load_model(args.checkpoint)
+    try:
+        files = get_tokenizer(args.tokenizer).files
+    except Gpt2LabError as e:
+        if args.tokenizer:
+            raise
+        print(f"warning: tokenizer files not exported ({e})")
+        files = None
+    out = export_hf(model, args.out_dir, files)
+    note = "with tokenizer files" if files else "without tokenizer files"
+    print(f"wrote Hugging Face GPT-2 folder {out} ({model.num_params(False):,} parameters, {note})")
+    return 0
