@@ -25,6 +25,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from gpt2lab.ops import linear_cross_entropy
+
 
 @dataclass
 class GPTConfig:
@@ -80,11 +82,15 @@ PRESETS: dict[str, dict] = {
 class KVCache:
     """Preallocated keys and values of every layer, for incremental decoding.
 
-    Shape of each buffer: (n_layer, B, n_head, max_len, head_size). ``pos`` is the
-    number of positions already written; ``GPT.forward`` advances it.
+    Each buffer is (n_layer, B, n_head, max_len, head_size). Two modes compute the same thing:
+    - dynamic (default): attention reads only the ``pos`` positions written so far, so each new
+      token costs O(context); best in eager mode.
+    - static: the position lives in a tensor (``pos_t``) and attention always spans ``max_len``
+      keys under a mask, so every decoding step has the same shapes and no Python value changes:
+      the step can be captured in a CUDA graph or compiled once.
     """
 
-    def __init__(self, config: GPTConfig, batch_size: int, max_len: int, device=None, dtype=None):
+    def __init__(self, config: GPTConfig, batch_size: int, max_len: int, device=None, dtype=None, static=False):
         if max_len > config.block_size:
             raise ValueError(f"max_len {max_len} exceeds block_size {config.block_size}")
         hs = config.n_embd // config.n_head
@@ -92,19 +98,51 @@ class KVCache:
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.max_len = max_len
-        self.pos = 0
+        self.static = static
+        self._pos = 0  # dynamic mode: positions written so far
+        self.pos_t = torch.zeros((), dtype=torch.long, device=device)  # static mode: the same, as a tensor
+        self._index: torch.Tensor | None = None  # this step's positions (T,)
+        self._mask: torch.Tensor | None = None  # this step's attention mask (T, keys), None = attend to all
 
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store k, v (B, nh, T, hs) at the current position; return all keys/values so far."""
-        end = self.pos + k.size(2)
-        if end > self.max_len:
-            raise ValueError(f"KV cache full: {end} positions > max_len {self.max_len}")
-        self.k[layer, :, :, self.pos : end] = k
-        self.v[layer, :, :, self.pos : end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+    @property
+    def pos(self) -> int:
+        """Positions already written (a host sync in static mode: not for the hot loop)."""
+        return int(self.pos_t.item()) if self.static else self._pos
+
+    def prepare(self, T: int, device) -> torch.Tensor:
+        """Absolute positions (T,) of the next T tokens; fixes this step's attention mask."""
+        if self.static:
+            self._index = self.pos_t + torch.arange(T, device=device)  # (T,)
+            keys = torch.arange(self.max_len, device=device)
+            self._mask = keys[None, :] <= self._index[:, None]  # (T, max_len): query i sees keys <= its position
+            return self._index
+        past = self._pos
+        if past + T > self.max_len:
+            raise ValueError(f"KV cache full: {past + T} positions > max_len {self.max_len}")
+        # one new token sees every cached key; a chunk of T sees keys 0 .. past + i (causal)
+        self._mask = None if T == 1 else torch.ones(T, past + T, dtype=torch.bool, device=device).tril(past)
+        return torch.arange(past, past + T, device=device)
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        """Store k, v (B, nh, T, hs) of this step; return (keys, values, mask) to attend over."""
+        if self.static:
+            self.k[layer].index_copy_(2, self._index, k)
+            self.v[layer].index_copy_(2, self._index, v)
+            return self.k[layer], self.v[layer], self._mask
+        end = self._pos + k.size(2)
+        self.k[layer, :, :, self._pos : end] = k
+        self.v[layer, :, :, self._pos : end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end], self._mask
+
+    def advance(self, T: int) -> None:
+        if self.static:
+            self.pos_t += T  # in place, so a captured graph sees the new value
+        else:
+            self._pos += T
 
     def reset(self) -> None:
-        self.pos = 0
+        self._pos = 0
+        self.pos_t.zero_()
 
 
 class CausalSelfAttention(nn.Module):
@@ -125,15 +163,10 @@ class CausalSelfAttention(nn.Module):
         k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         dropout_p = self.dropout if self.training else 0.0
-        if kv_cache is None or kv_cache.pos == 0:
-            if kv_cache is not None:
-                kv_cache.update(layer, k, v)
+        if kv_cache is None:
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
         else:
-            past = kv_cache.pos
-            k, v = kv_cache.update(layer, k, v)  # (B, nh, past + T, hs)
-            # query i (absolute position past + i) sees keys 0 .. past + i; one query sees all
-            mask = None if T == 1 else torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(past)
+            k, v, mask = kv_cache.update(layer, k, v)  # (B, nh, keys, hs): the cached context too
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, nh * hs): re-assemble heads
         return self.resid_dropout(self.c_proj(y))
@@ -181,6 +214,9 @@ class GPT(nn.Module):
         )
         self.lm_head = nn.Linear(config.n_embd, config.embedding_rows, bias=False)
         self.transformer.wte.weight = self.lm_head.weight  # weight tying
+        # Rows per chunk for the fused LM head + cross-entropy (gpt2lab.ops) when targets are
+        # given; 0 = the plain path. A training switch, not part of the architecture.
+        self.ce_chunk_size = 0
         self.init_weights()
 
     def init_weights(self) -> None:
@@ -220,15 +256,17 @@ class GPT(nn.Module):
     def forward_hidden(self, idx: torch.Tensor, kv_cache: KVCache | None = None) -> torch.Tensor:
         """The final hidden states (B, T, n_embd), after ln_f and before the LM head."""
         B, T = idx.size()
-        start = kv_cache.pos if kv_cache is not None else 0
-        if start + T > self.config.block_size:
-            raise ValueError(f"sequence of {start + T} tokens exceeds block_size {self.config.block_size}")
-        pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)  # (T,)
+        if kv_cache is None:
+            if T > self.config.block_size:
+                raise ValueError(f"sequence of {T} tokens exceeds block_size {self.config.block_size}")
+            pos = torch.arange(T, device=idx.device)  # (T,)
+        else:
+            pos = kv_cache.prepare(T, idx.device)  # (T,) absolute positions after the cached ones
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
         for i, block in enumerate(self.transformer.h):
             x = block(x, kv_cache, i)
         if kv_cache is not None:
-            kv_cache.pos += T
+            kv_cache.advance(T)
         return self.transformer.ln_f(x)
 
     def forward(
@@ -237,13 +275,16 @@ class GPT(nn.Module):
         """Logits (B, T, vocab_size) and, given targets (B, T), the mean cross-entropy.
 
         Targets equal to -1 are ignored. Padded vocabulary rows never reach the logits,
-        so they are never sampled and never enter the loss.
+        so they are never sampled and never enter the loss. With ``ce_chunk_size`` set and
+        targets given, the logits are never materialised and None is returned in their place.
         """
         x = self.forward_hidden(idx, kv_cache)
+        if targets is not None and self.ce_chunk_size:
+            return None, linear_cross_entropy(
+                x, self.lm_head.weight, targets, self.config.vocab_size, self.ce_chunk_size
+            )
         logits = self.lm_head(x)[..., : self.config.vocab_size]  # (B, T, V): padded rows sliced off
         loss = None
         if targets is not None:
-            loss = F.cross_entropy(
-                logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1
-            )
+            loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
         return logits, loss
