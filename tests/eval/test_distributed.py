@@ -1,0 +1,81 @@
+"""Two gloo processes on localhost split the examples and reduce to the single-process result."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+WORLD = 2
+
+
+def _evaluate_all(model_dir: str, data_dir: str, rank: int, world_size: int) -> dict:
+    from gpt2lab.eval import hellaswag as H
+    from gpt2lab.eval import lambada as L
+    from gpt2lab.eval import wikitext as W
+    from gpt2lab.eval.common import mirror_file
+    from gpt2lab.eval.loss import evaluate_loss
+    from gpt2lab.loading import load_model
+    from gpt2lab.tokenizer import get_tokenizer
+
+    model, tok = load_model(model_dir), get_tokenizer()
+    examples = H.load_examples(mirror_file(H.MIRROR_PATH), 7)  # odd: the ranks get 4 and 3
+    passages = L.load_passages(mirror_file(L.MIRROR_PATH), 5)
+    ids = tok.encode_ordinary(" ".join(ex.ctx for ex in examples))
+    return {
+        "hellaswag": H.evaluate_hellaswag(model, tok, examples, "cpu", 2, rank, world_size),
+        "lambada": L.evaluate_lambada(model, tok, passages, "cpu", 2, rank, world_size),
+        "wikitext": W.evaluate_ids(model, ids, tok.eot, "cpu", 32, 16, 2, rank, world_size),
+        "loss": evaluate_loss(model, data_dir, "val", "cpu", 2, 16, rank=rank, world_size=world_size),
+    }
+
+
+def _worker(rank: int, port: int, model_dir: str, data_dir: str, out_dir: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
+    try:
+        result = _evaluate_all(model_dir, data_dir, rank, WORLD)
+        with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+            json.dump(result, f)
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_gloo_ranks_equal_one_process(tiny_checkpoint, tmp_path):
+    from tests.eval.test_loss import make_dataset
+
+    rng = np.random.default_rng(1)
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    # 8 chunks of 16 tokens: 4 batches of 2 in one process, 2 global batches of 2 x 2 ranks; none dropped
+    make_dataset(data_dir, [rng.integers(0, 50257, 16 * 8 + 1).astype(np.uint16)])
+    out = tmp_path / "out"
+    out.mkdir()
+    mp.spawn(_worker, args=(_free_port(), str(tiny_checkpoint), str(data_dir), str(out)), nprocs=WORLD, join=True)
+    ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in range(WORLD)]
+    single = _evaluate_all(str(tiny_checkpoint), str(data_dir), 0, 1)
+
+    assert ranks[0] == ranks[1]  # every rank ends with the reduced totals
+    got = ranks[0]
+    for key in ("correct", "correct_norm", "count", "acc", "acc_norm"):
+        assert got["hellaswag"][key] == single["hellaswag"][key]
+    assert got["hellaswag"]["count"] == 7
+    for key in ("correct", "count", "acc"):
+        assert got["lambada"][key] == single["lambada"][key]
+    assert got["lambada"]["ppl"] == pytest.approx(single["lambada"]["ppl"], rel=1e-6)
+    assert got["wikitext"]["tokens"] == single["wikitext"]["tokens"]
+    assert got["wikitext"]["nll"] == pytest.approx(single["wikitext"]["nll"], rel=1e-6)
+    assert got["loss"]["tokens"] == single["loss"]["tokens"] == 8 * 16
+    assert got["loss"]["loss"] == pytest.approx(single["loss"]["loss"], rel=1e-6)
