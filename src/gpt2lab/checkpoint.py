@@ -64,7 +64,7 @@ def read_model_config(folder: str | Path) -> GPTConfig:
     path = Path(folder) / CONFIG_NAME
     data = read_json(path)
     if data.get("format") != FORMAT or not isinstance(data.get("model"), dict):
-        raise Gpt2LabError(f"{path}: not a gpt2lab checkpoint config (no \"format\": \"gpt2lab\" and \"model\")")
+        raise Gpt2LabError(f'{path}: not a gpt2lab checkpoint config (no "format": "gpt2lab" and "model")')
     try:
         return GPTConfig.from_dict(data["model"])
     except (TypeError, ValueError) as e:
@@ -102,9 +102,7 @@ def check_and_load(model: GPT, state: dict[str, torch.Tensor], source: Path) -> 
         )
     for k, shape in expected.items():
         if state[k].shape != shape:
-            raise Gpt2LabError(
-                f"{source}: {k} has shape {tuple(state[k].shape)} but the config needs {tuple(shape)}"
-            )
+            raise Gpt2LabError(f"{source}: {k} has shape {tuple(state[k].shape)} but the config needs {tuple(shape)}")
     with torch.no_grad():
         model.load_state_dict({k: v for k, v in state.items() if k not in TIED_KEYS}, strict=False)
 
@@ -139,3 +137,109 @@ def find_latest(run_dir: str | Path) -> Path | None:
     """The newest complete checkpoint of a run folder, or None."""
     dirs = checkpoint_dirs(run_dir)
     return dirs[-1] if dirs else None
+
+
+# --- training state (save / resume)
+# A training checkpoint is a model checkpoint plus: optimizer.pt (torch.save of the optimizer's
+# state dict: tensors and plain values, read back with weights_only=True), rng.safetensors (the
+# RNG states of every rank as tensors) and, in config.json under "train_state", the readable
+# loop state (step, loader states, resolved config, git commit). It is written into a hidden
+# temporary folder in checkpoints/ and renamed to step_NNNNNNN/ once complete.
+
+OPTIMIZER_NAME = "optimizer.pt"
+RNG_NAME = "rng.safetensors"
+TRAIN_STATE_KEY = "train_state"
+
+
+def rng_state() -> tuple[dict[str, torch.Tensor], dict]:
+    """This process's RNG states: tensors (torch, cuda, numpy keys) and plain values (python, numpy rest)."""
+    import random
+
+    import numpy as np
+
+    tensors = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"cuda.{i}"] = s
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()  # ('MT19937', uint32[624], ...)
+    tensors["numpy"] = torch.from_numpy(keys.astype(np.int64))
+    version, internal, gauss_next = random.getstate()
+    plain = {"numpy": [kind, int(pos), int(has_gauss), float(gauss)], "python": [version, list(internal), gauss_next]}
+    return tensors, plain
+
+
+def set_rng_state(tensors: dict[str, torch.Tensor], plain: dict) -> None:
+    """Restore what ``rng_state`` captured."""
+    import random
+
+    import numpy as np
+
+    torch.set_rng_state(tensors["torch"])
+    cuda = [tensors[k] for k in sorted((k for k in tensors if k.startswith("cuda.")), key=lambda k: int(k[5:]))]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda[: torch.cuda.device_count()])
+    kind, pos, has_gauss, gauss = plain["numpy"]
+    np.random.set_state((kind, tensors["numpy"].numpy().astype(np.uint32), pos, has_gauss, gauss))
+    version, internal, gauss_next = plain["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+
+
+def save_training_checkpoint(
+    run_dir: str | Path,
+    step: int,
+    model: GPT,
+    optimizer: torch.optim.Optimizer,
+    state: dict,
+    rng_tensors: dict[str, torch.Tensor],
+    keep: int = 0,
+) -> Path:
+    """Write RUN_DIR/checkpoints/step_NNNNNNN atomically; keep the newest ``keep`` (0 = all). Return it.
+
+    ``model`` is the raw model (never a compiled or DDP-wrapped one); ``state`` is JSON-able.
+    config.json is written last, and the folder only gets its step_ name once everything is on
+    disk, so a crash during a save leaves the previous checkpoints as they were.
+    """
+    import os
+    import shutil
+    import tempfile
+
+    root = Path(run_dir) / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step_{step:07d}"
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp_step_{step:07d}_", dir=root))
+    try:
+        torch.save(optimizer.state_dict(), tmp / OPTIMIZER_NAME)
+        save_file({k: v.contiguous() for k, v in rng_tensors.items()}, str(tmp / RNG_NAME))
+        save_model(model, tmp, extra={TRAIN_STATE_KEY: state})
+        if final.exists():  # the same step saved twice: move the old one aside first
+            os.rename(final, Path(tempfile.mkdtemp(prefix=".old_", dir=root)) / final.name)
+        os.rename(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    for stale in root.glob(".old_*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    if keep > 0:
+        for old in checkpoint_dirs(run_dir)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load_training_checkpoint(
+    folder: str | Path, model: GPT, optimizer: torch.optim.Optimizer
+) -> tuple[dict, dict[str, torch.Tensor]]:
+    """Load weights and optimizer state in place; return (train_state, rng tensors)."""
+    folder = Path(folder)
+    state = read_json(folder / CONFIG_NAME).get(TRAIN_STATE_KEY)
+    if not isinstance(state, dict):
+        raise Gpt2LabError(f"{folder}: a model checkpoint without training state; it cannot be resumed")
+    weights = load_state_dict(folder / WEIGHTS_NAME)
+    check_and_load(model, weights, folder / WEIGHTS_NAME)
+    try:
+        optim_state = torch.load(folder / OPTIMIZER_NAME, map_location="cpu", weights_only=True)
+        optimizer.load_state_dict(optim_state)
+    except FileNotFoundError:
+        raise Gpt2LabError(f"{folder / OPTIMIZER_NAME}: file not found") from None
+    except (RuntimeError, ValueError, KeyError) as e:
+        raise Gpt2LabError(f"{folder / OPTIMIZER_NAME}: does not match this model's optimizer ({e})") from None
+    return state, load_state_dict(folder / RNG_NAME)

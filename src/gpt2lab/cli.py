@@ -55,44 +55,219 @@ def run_export(args: argparse.Namespace) -> int:
 
 
 def add_data(sub) -> None:
-    pass  # TODO(data helper): `gpt2lab data prepare SOURCE ...` and `gpt2lab data info DIR`
+    p = sub.add_parser("data", help="tokenize a text source into shards; describe a prepared dataset")
+    dsub = p.add_subparsers(dest="data", required=True)
+    prep = dsub.add_parser("prepare", help="tokenize a source into llm.c-format shards plus manifest.json")
+    prep.add_argument("source", choices=["shakespeare", "fineweb-edu", "files", "gutenberg"])
+    prep.add_argument("paths", nargs="*", help="files: glob patterns ('corpus/*.jsonl'); gutenberg: a folder of books")
+    prep.add_argument("--out", default=None, help="dataset folder to write (default: data/SOURCE)")
+    prep.add_argument("--mirror", default=None, help="offline data folder laid out like ../shared/data")
+    prep.add_argument("--workers", type=int, default=None, help="tokenizer processes (default: all cores)")
+    prep.add_argument("--shard-size", type=int, default=None, help="tokens per shard (fineweb-edu 100M, else 10M)")
+    prep.add_argument("--max-tokens", type=int, default=None, help="stop after this many tokens")
+    prep.add_argument("--val-tokens", type=int, default=None, help="fineweb-edu/files: val size (whole documents)")
+    prep.add_argument("--text-field", default="text", help=".jsonl/.parquet field holding the text")
+    prep.add_argument("--blank-line-docs", action="store_true", help=".txt: a document per blank-line block")
+    prep.add_argument("--val-books", type=int, default=4, help="gutenberg: books held out as val")
+    prep.set_defaults(func=run_data_prepare)
+    info = dsub.add_parser("info", help="print a prepared dataset's manifest summary and check its shards")
+    info.add_argument("dir", help="a dataset folder (holds manifest.json)")
+    info.add_argument("--verify", action="store_true", help="also check sha256 checksums and token ids")
+    info.set_defaults(func=run_data_info)
+    index = dsub.add_parser("index", help="write manifest.json for a folder of llm.c shards")
+    index.add_argument("dir", help="a folder of llm.c .bin shards (NAME_train_000001.bin, NAME_val_000000.bin...)")
+    index.set_defaults(func=run_data_index)
+
+
+def run_data_prepare(args: argparse.Namespace) -> int:
+    from gpt2lab.data.prepare import prepare_command
+
+    return prepare_command(args)
+
+
+def run_data_info(args: argparse.Namespace) -> int:
+    from gpt2lab.data.info import info_command
+
+    return info_command(args)
+
+
+def run_data_index(args: argparse.Namespace) -> int:
+    from gpt2lab.data.info import index_command
+
+    return index_command(args)
 
 
 # ----------------------------------------------------------------------------- train / plot (issue: training)
 
 
 def add_train(sub) -> None:
-    pass  # TODO(train helper): `gpt2lab train CONFIG [--set k=v] [--resume RUN_DIR]`
+    p = sub.add_parser("train", help="train a GPT from a TOML config (works under torchrun too)")
+    p.add_argument("config", nargs="?", help="a TOML preset, e.g. configs/shakespeare.toml (optional with --resume)")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a setting")
+    p.add_argument("--run-dir", default=None, help="run folder (default: runs/<config name>)")
+    p.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue a run from its newest checkpoint")
+    p.set_defaults(func=run_train)
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from gpt2lab.train import train_command
+
+    return train_command(args)
 
 
 def add_plot(sub) -> None:
-    pass  # TODO(train helper): `gpt2lab plot RUN_DIR`
+    p = sub.add_parser("plot", help="draw a run's loss, HellaSwag, learning rate and throughput to a PNG")
+    p.add_argument("run_dir", help="a run folder holding metrics.jsonl")
+    p.add_argument("--out", default=None, help="PNG path (default: RUN_DIR/curves.png)")
+    p.set_defaults(func=run_plot)
+
+
+def run_plot(args: argparse.Namespace) -> int:
+    from gpt2lab.plot import plot_command
+
+    return plot_command(args)
 
 
 # ----------------------------------------------------------------------------- eval (issue: evaluation)
 
 
+def _eval_common(p: argparse.ArgumentParser, task: str) -> None:
+    p.add_argument("--model", default="gpt2", help="gpt2[-medium|-large|-xl], a Hugging Face folder, checkpoint or run")
+    p.add_argument("--batch-size", type=int, default=8, help="examples (HellaSwag: 4 rows each) or windows per forward")
+    p.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps (default: best available)")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="weights' dtype")
+    p.add_argument("--tokenizer", default=None, help="folder with encoder.json and vocab.bpe")
+    p.set_defaults(func=run_eval, task=task)
+
+
+def _eval_loss_args(p: argparse.ArgumentParser, required: bool) -> None:
+    p.add_argument(
+        "--data",
+        required=required,
+        default=None,
+        metavar="DIR",
+        help="a prepared dataset folder (from `gpt2lab data prepare`)" + ("" if required else " for loss"),
+    )
+    p.add_argument("--split", default="val")
+    p.add_argument("--seq-len", type=int, default=None, help="window length (default: the model's block size)")
+    p.add_argument("--max-batches", type=int, default=None, help="score only the first N batches per rank")
+
+
+def _eval_wikitext_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--stride", type=int, default=512, help="sliding-window step in tokens (default 512)")
+    p.add_argument("--context", type=int, default=None, help="window length (default: the model's block size)")
+
+
 def add_eval(sub) -> None:
-    pass  # TODO(eval helper): `gpt2lab eval {hellaswag,loss,wikitext2,lambada,all} --model ...`
+    p = sub.add_parser("eval", help="evaluate a model: HellaSwag, loss on a dataset, WikiText-2, LAMBADA, or all")
+    esub = p.add_subparsers(dest="eval", required=True)
+    h = esub.add_parser("hellaswag", help="HellaSwag val accuracy (acc, acc_norm)")
+    h.add_argument("--data", default=None, metavar="FILE", help="a HellaSwag jsonl (default: official, else mirror)")
+    h.add_argument("--limit", type=int, default=None, help="score only the first N examples")
+    _eval_common(h, "hellaswag")
+    lo = esub.add_parser("loss", help="mean token loss and perplexity over a prepared split")
+    _eval_loss_args(lo, required=True)
+    _eval_common(lo, "loss")
+    w = esub.add_parser("wikitext2", help="WikiText-2 test perplexity with a sliding window")
+    w.add_argument("--data", default=None, metavar="FILE", help="wiki.test.tokens (default: the mirror's)")
+    w.add_argument("--limit", type=int, default=None, help="score only the first N lines of the file")
+    _eval_wikitext_args(w)
+    _eval_common(w, "wikitext2")
+    la = esub.add_parser("lambada", help="LAMBADA last-word accuracy and perplexity")
+    la.add_argument("--data", default=None, metavar="FILE", help="lambada_test.jsonl (default: the mirror's)")
+    la.add_argument("--limit", type=int, default=None, help="score only the first N passages")
+    _eval_common(la, "lambada")
+    a = esub.add_parser("all", help="hellaswag, wikitext2 and lambada (+ loss with --data)")
+    _eval_loss_args(a, required=False)
+    a.add_argument("--limit", type=int, default=None, help="first N HellaSwag examples and LAMBADA passages")
+    a.add_argument("--limit-lines", type=int, default=None, help="first N lines of WikiText-2")
+    a.add_argument("--hellaswag-data", default=None, metavar="FILE")
+    a.add_argument("--wikitext2-data", default=None, metavar="FILE")
+    a.add_argument("--lambada-data", default=None, metavar="FILE")
+    _eval_wikitext_args(a)
+    _eval_common(a, "all")
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    from gpt2lab.eval.commands import eval_command
+
+    return eval_command(args)
 
 
 # ----------------------------------------------------------------------------- bench
 
 
 def add_bench_sample(bsub) -> None:
-    pass  # TODO(foundation helper): `gpt2lab bench sample`
+    p = bsub.add_parser("sample", help="decoding tokens/s: gpt2lab's KV cache vs transformers' generate")
+    p.add_argument("--model", default=None, help="any --model spec (default: random GPT-2 124M, no download)")
+    p.add_argument("--new-tokens", type=int, default=100)
+    p.add_argument("--prompt-tokens", type=int, default=16)
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default; outputs compared)")
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--device", default=None, help="cpu, cuda, ... (default: best available)")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
+    p.set_defaults(func=run_bench_sample)
+
+
+def run_bench_sample(args: argparse.Namespace) -> int:
+    from gpt2lab.bench.sample import bench_sample
+
+    return bench_sample(args)
 
 
 def add_bench_data(bsub) -> None:
-    pass  # TODO(data helper): `gpt2lab bench data`
+    p = bsub.add_parser("data", help="tokenization throughput (1 worker vs all cores) and loader batches/s")
+    p.add_argument("--mb", type=float, default=16.0, help="MB of text to tokenize (Tiny Shakespeare repeated)")
+    p.add_argument("--workers", type=int, default=None, help="parallel workers to compare with 1 (default: all cores)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--seq-len", type=int, default=1024)
+    p.add_argument("--batches", type=int, default=500, help="loader batches to time")
+    p.add_argument("--mirror", default=None, help="offline data folder laid out like ../shared/data")
+    p.set_defaults(func=run_bench_data)
+
+
+def run_bench_data(args: argparse.Namespace) -> int:
+    from gpt2lab.bench.data import bench_data_command
+
+    return bench_data_command(args)
 
 
 def add_bench_train(bsub) -> None:
-    pass  # TODO(train helper): `gpt2lab bench train`
+    p = bsub.add_parser("train", help="training throughput: tokens/s, ms/step, MFU, peak memory, compile on/off")
+    p.add_argument("--config", default="configs/gpt2-124m.toml", help="a TOML preset")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a setting")
+    p.add_argument("--steps", type=int, default=20, help="timed optimizer steps per variant")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation happens here)")
+    p.add_argument("--compile", default="both", choices=["both", "on", "off"], help="variants to time")
+    p.add_argument("--grad-accum", type=int, default=1, help="micro-steps per timed step (total_batch is ignored)")
+    p.set_defaults(func=run_bench_train)
+
+
+def run_bench_train(args: argparse.Namespace) -> int:
+    from gpt2lab.bench.train import bench_train_command
+
+    return bench_train_command(args)
 
 
 def add_bench_eval(bsub) -> None:
-    pass  # TODO(eval helper): `gpt2lab bench eval`
+    p = bsub.add_parser("eval", help="HellaSwag examples/s: batched vs one example / one candidate per forward")
+    p.add_argument("--model", default=None, help="any --model spec (default: GPT-2 124M with random weights)")
+    p.add_argument("--data", default=None, metavar="FILE", help="a HellaSwag jsonl (default: official, else mirror)")
+    p.add_argument("--limit", type=int, default=20, help="HellaSwag examples per measurement")
+    p.add_argument("--batch-size", type=int, default=8, help="examples per forward in the batched mode")
+    p.add_argument("--device", default=None, help="cpu, cuda, ... (default: best available)")
+    p.set_defaults(func=run_bench_eval)
+
+
+def run_bench_eval(args: argparse.Namespace) -> int:
+    from gpt2lab.bench.eval import bench_eval_command
+
+    return bench_eval_command(args)
 
 
 def add_bench(sub) -> None:

@@ -1,0 +1,222 @@
+"""A run's configuration: the section dataclasses composed, read from TOML, overridden from the CLI.
+
+Each section's dataclass lives beside the code it configures ([model] -> ``GPTConfig``,
+[data] -> ``DataConfig``, [optim] -> ``OptimConfig``, [train]/[eval]/[log] -> ``train.py``);
+this module only composes them. Precedence: ``--set section.key=value`` > the TOML file >
+the dataclass defaults. Files hold plain values only (TOML, read with ``tomllib``), never
+code. Every problem (unknown key, wrong type, impossible combination) is one
+``Gpt2LabError`` raised before any work starts; an unknown key comes with the closest match.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import math
+import tomllib
+import types
+import typing
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from gpt2lab.data.loader import DataConfig
+from gpt2lab.errors import Gpt2LabError
+from gpt2lab.model import GPTConfig
+from gpt2lab.optim import OptimConfig
+from gpt2lab.train import EvalConfig, LogConfig, TrainConfig
+
+# Optional fields (``X | None``) take this word for None: "derive it from other settings".
+AUTO = "auto"
+_TRUE, _FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
+
+
+@dataclass
+class Config:
+    """Everything a training run needs, one dataclass per TOML section."""
+
+    model: GPTConfig = field(default_factory=GPTConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+    def to_dict(self) -> dict[str, dict]:
+        return {f.name: dataclasses.asdict(getattr(self, f.name)) for f in dataclasses.fields(self)}
+
+
+SECTIONS: dict[str, type] = {f.name: f.default_factory for f in dataclasses.fields(Config)}
+
+
+def _field_types(cls: type) -> dict[str, object]:
+    names = {f.name for f in dataclasses.fields(cls)}
+    return {k: v for k, v in typing.get_type_hints(cls).items() if k in names}
+
+
+def all_keys() -> list[str]:
+    """Every settable key as 'section.key'."""
+    return [f"{s}.{k}" for s, cls in SECTIONS.items() for k in _field_types(cls)]
+
+
+# nanoGPT's names for the same settings, so that its users get pointed at ours
+NANOGPT_NAMES = {
+    "learning_rate": "optim.lr",
+    "min_lr": "optim.min_lr_ratio",
+    "warmup_iters": "optim.warmup_steps",
+    "lr_decay_iters": "optim.decay_steps",
+    "max_iters": "train.max_steps",
+    "batch_size": "train.micro_batch",
+    "gradient_accumulation_steps": "train.total_batch",
+    "eval_interval": "eval.val_every",
+    "eval_iters": "eval.val_batches",
+    "dataset": "data.path",
+}
+
+
+def _closest(key: str) -> str | None:
+    """The settable key a mistyped one most likely meant."""
+    section, _, bare = key.rpartition(".")
+    if bare in NANOGPT_NAMES:
+        return NANOGPT_NAMES[bare]
+    keys = all_keys()
+    same_name = [k for k in keys if k.rpartition(".")[2] == bare]  # the right key in the wrong section
+    if same_name:
+        return same_name[0]
+    in_section = [k.rpartition(".")[2] for k in keys if k.startswith(section + ".")] if section else []
+    close = difflib.get_close_matches(bare, in_section, n=1, cutoff=0.6)
+    if close:
+        return f"{section}.{close[0]}"
+    close = difflib.get_close_matches(key, keys, n=1, cutoff=0.5)
+    return close[0] if close else None
+
+
+def _unknown(key: str, where: str) -> Gpt2LabError:
+    close = _closest(key)
+    hint = f"; did you mean {close}?" if close else f"; the sections are {', '.join(SECTIONS)}"
+    return Gpt2LabError(f"{where}: unknown setting {key}{hint}")
+
+
+def _split_optional(typ: object) -> tuple[type, bool]:
+    """(base type, allows None) for int, float | None, ..."""
+    if isinstance(typ, types.UnionType) or typing.get_origin(typ) is typing.Union:
+        args = [a for a in typing.get_args(typ) if a is not type(None)]
+        return args[0], True
+    return typ, False
+
+
+def _coerce(value: object, typ: object, key: str, where: str, from_text: bool) -> object:
+    """value checked (TOML) or parsed (--set text) as typ; one error naming the key otherwise."""
+    base, optional = _split_optional(typ)
+    if optional and (value is None or (isinstance(value, str) and value.lower() in (AUTO, "none"))):
+        return None
+    expected = f"{base.__name__}{f' or {AUTO!r}' if optional else ''}"
+    bad = Gpt2LabError(f"{where}: {key} must be {'an' if expected[0] in 'i' else 'a'} {expected}, got {value!r}")
+    if from_text:
+        text = str(value).strip()
+        try:
+            if base is bool:
+                if text.lower() not in _TRUE + _FALSE:
+                    raise ValueError
+                return text.lower() in _TRUE
+            if base is int:
+                return int(text)
+            if base is float:
+                number = float(text)
+                if not math.isfinite(number):
+                    raise ValueError
+                return number
+            return text
+        except ValueError:
+            raise bad from None
+    if base is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if base is int and isinstance(value, bool):  # bool is an int subclass; true is not 1 here
+        raise bad
+    if not isinstance(value, base):
+        raise bad
+    return value
+
+
+def parse_sets(sets: Iterable[str]) -> dict[str, str]:
+    """--set 'section.key=value' strings as {'section.key': 'value'} (the last one wins)."""
+    parsed = {}
+    for item in sets:
+        key, eq, value = item.partition("=")
+        if not eq or "." not in key:
+            raise Gpt2LabError(f"--set {item}: expected section.key=value, e.g. --set optim.lr=3e-4")
+        parsed[key.strip()] = value
+    return parsed
+
+
+def build_config(values: dict, source: str, sets: Iterable[str] = ()) -> Config:
+    """A validated Config from nested plain values ({section: {key: value}}) and --set overrides."""
+    sections: dict[str, dict] = {name: {} for name in SECTIONS}
+    for section, table in values.items():
+        if not isinstance(table, dict):  # a key outside any [section]
+            raise _unknown(section, source)
+        if section not in SECTIONS:
+            close = difflib.get_close_matches(section, list(SECTIONS), n=1)
+            hint = f"did you mean [{close[0]}]?" if close else f"the sections are {', '.join(SECTIONS)}"
+            raise Gpt2LabError(f"{source}: unknown section [{section}]; {hint}")
+        types_ = _field_types(SECTIONS[section])
+        for key, value in table.items():
+            if key not in types_:
+                raise _unknown(f"{section}.{key}", source)
+            sections[section][key] = _coerce(value, types_[key], f"{section}.{key}", source, from_text=False)
+    for dotted, text in parse_sets(sets).items():
+        section, _, key = dotted.partition(".")
+        types_ = _field_types(SECTIONS[section]) if section in SECTIONS else {}
+        if key not in types_:
+            raise _unknown(dotted, "--set")
+        sections[section][key] = _coerce(text, types_[key], dotted, "--set", from_text=True)
+    try:
+        config = Config(**{name: SECTIONS[name](**kwargs) for name, kwargs in sections.items()})
+    except (TypeError, ValueError) as e:  # e.g. GPTConfig: n_embd not a multiple of n_head
+        raise Gpt2LabError(f"{source}: impossible setting: {e}") from None
+    if config.optim.decay_steps is None:  # derived once, so a resume with more max_steps keeps the schedule
+        config.optim.decay_steps = config.train.max_steps
+    validate(config, source)
+    return config
+
+
+def load_config(path: str | Path, sets: Iterable[str] = ()) -> Config:
+    """Read a TOML preset and apply --set overrides."""
+    path = Path(path)
+    if not path.is_file():
+        raise Gpt2LabError(f"{path}: config file not found (the presets are in configs/)")
+    try:
+        values = tomllib.loads(path.read_text())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise Gpt2LabError(f"{path}: not valid TOML ({e})") from None
+    return build_config(values, str(path), sets)
+
+
+def validate(config: Config, source: str) -> None:
+    """Raise one error listing every impossible combination (each section checks its own values)."""
+    problems = []
+    for name in SECTIONS:
+        section = getattr(config, name)
+        if hasattr(section, "validate"):
+            problems += section.validate(config.model) if name == "train" else section.validate()
+    if problems:
+        raise Gpt2LabError(f"{source}: " + "; ".join(problems))
+
+
+def _toml_value(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return json.dumps(value)  # a TOML basic string uses the same escapes
+    return repr(value)
+
+
+def to_toml(config: Config) -> str:
+    """The resolved config as TOML (plain values; None written as "auto", which reads back as None)."""
+    lines = ["# resolved configuration of this run (gpt2lab train); defaults included"]
+    for section, values in config.to_dict().items():
+        lines.append(f"\n[{section}]")
+        for key, value in values.items():
+            lines.append(f"{key} = {_toml_value(AUTO if value is None else value)}")
+    return "\n".join(lines) + "\n"
