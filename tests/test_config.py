@@ -22,7 +22,7 @@ def test_gpt2_124m_preset_is_the_reproduction_recipe():
     assert (t.total_batch, t.micro_batch, t.max_steps, t.seed) == (2**19, 64, 19073, 1337)
     assert (o.lr, o.min_lr_ratio, o.warmup_steps, o.decay_steps) == (6e-4, 0.1, 715, 19073)
     assert (o.beta1, o.beta2, o.eps, o.weight_decay, o.grad_clip) == (0.9, 0.95, 1e-8, 0.1, 1.0)
-    assert (t.compile, t.dtype, o.fused) == (None, "auto", None)  # on CUDA: compile, bf16, fused
+    assert (cfg.perf.compile, t.dtype, o.fused) == (None, "auto", None)  # on CUDA: compile, bf16, fused
 
 
 @pytest.mark.parametrize("name", sorted(p.name for p in CONFIGS.glob("*.toml")))
@@ -34,10 +34,10 @@ def test_every_preset_loads_and_round_trips_through_the_resolved_toml(name):
 def test_set_overrides_parse_by_type_and_take_precedence():
     cfg = load_config(
         CONFIGS / "gpt2-124m.toml",
-        ["optim.lr=1e-3", "train.micro_batch=32", "train.compile=false", "data.shuffle=no", "optim.fused=auto",
+        ["optim.lr=1e-3", "train.micro_batch=32", "perf.compile=false", "data.shuffle=no", "optim.fused=auto",
          "eval.sample_prompt=ROMEO:", "model.dropout=0"],
     )  # fmt: skip
-    assert cfg.optim.lr == 1e-3 and cfg.train.micro_batch == 32 and cfg.train.compile is False
+    assert cfg.optim.lr == 1e-3 and cfg.train.micro_batch == 32 and cfg.perf.compile is False
     assert cfg.data.shuffle is False and cfg.optim.fused is None and cfg.eval.sample_prompt == "ROMEO:"
     assert cfg.model.dropout == 0.0 and isinstance(cfg.model.dropout, float)
     assert cfg.train.total_batch == 2**19  # untouched values stay the file's

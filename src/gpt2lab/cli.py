@@ -244,6 +244,7 @@ def add_bench_train(bsub) -> None:
     p.add_argument("--steps", type=int, default=20, help="timed optimizer steps per variant")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation happens here)")
     p.add_argument("--compile", default="both", choices=["both", "on", "off"], help="variants to time")
+    p.add_argument("--compare", action="store_true", help="time the plain path against the config's [perf] switches")
     p.add_argument("--grad-accum", type=int, default=1, help="micro-steps per timed step (total_batch is ignored)")
     p.set_defaults(func=run_bench_train)
 

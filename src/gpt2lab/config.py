@@ -1,7 +1,7 @@
 """A run's configuration: the section dataclasses composed, read from TOML, overridden from the CLI.
 
 Each section's dataclass lives beside the code it configures ([model] -> ``GPTConfig``,
-[data] -> ``DataConfig``, [optim] -> ``OptimConfig``, [train]/[eval]/[log] -> ``train.py``);
+[data] -> ``DataConfig``, [optim] -> ``OptimConfig``, [train]/[eval]/[log] -> ``train.py``, [perf] -> ``perf.py``);
 this module only composes them. Precedence: ``--set section.key=value`` > the TOML file >
 the dataclass defaults. Files hold plain values only (TOML, read with ``tomllib``), never
 code. Every problem (unknown key, wrong type, impossible combination) is one
@@ -25,6 +25,7 @@ from gpt2lab.data.loader import DataConfig
 from gpt2lab.errors import Gpt2LabError
 from gpt2lab.model import GPTConfig
 from gpt2lab.optim import OptimConfig
+from gpt2lab.perf import PerfConfig
 from gpt2lab.train import EvalConfig, LogConfig, TrainConfig
 
 # Optional fields (``X | None``) take this word for None: "derive it from other settings".
@@ -42,6 +43,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    perf: PerfConfig = field(default_factory=PerfConfig)
 
     def to_dict(self) -> dict[str, dict]:
         return {f.name: dataclasses.asdict(getattr(self, f.name)) for f in dataclasses.fields(self)}

@@ -11,7 +11,10 @@ Departures from the reference, none of which change the function computed:
 - Attention runs through ``F.scaled_dot_product_attention`` (flash kernels on GPU).
 - The vocabulary may be padded (50257 -> 50304) so the LM head matmul has a
   kernel-friendly size; the padded logits are sliced off before anyone sees them.
-- ``KVCache`` is a preallocated cache for decoding, so each new token costs O(context).
+- ``KVCache`` is a preallocated cache for decoding, so each new token costs O(context); its
+  static mode keeps every decoding step the same shape, for CUDA graphs.
+- Two training-only switches, set by ``gpt2lab.perf``: ``ce_chunk_size`` (the fused LM head +
+  cross-entropy of ``gpt2lab.ops``) and ``activation_checkpointing`` (recompute blocks).
 
 The module holds the network only: no I/O, no training, no tokenizer.
 """
@@ -24,6 +27,7 @@ from dataclasses import asdict, dataclass, fields
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from gpt2lab.ops import linear_cross_entropy
 
@@ -217,6 +221,8 @@ class GPT(nn.Module):
         # Rows per chunk for the fused LM head + cross-entropy (gpt2lab.ops) when targets are
         # given; 0 = the plain path. A training switch, not part of the architecture.
         self.ce_chunk_size = 0
+        # Recompute each block in the backward pass instead of storing its activations (training only).
+        self.activation_checkpointing = False
         self.init_weights()
 
     def init_weights(self) -> None:
@@ -264,7 +270,10 @@ class GPT(nn.Module):
             pos = kv_cache.prepare(T, idx.device)  # (T,) absolute positions after the cached ones
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
         for i, block in enumerate(self.transformer.h):
-            x = block(x, kv_cache, i)
+            if self.activation_checkpointing and self.training and kv_cache is None:
+                x = checkpoint(block, x, use_reentrant=False)
+            else:
+                x = block(x, kv_cache, i)
         if kv_cache is not None:
             kv_cache.advance(T)
         return self.transformer.ln_f(x)

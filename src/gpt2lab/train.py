@@ -4,7 +4,8 @@ One optimizer step = ``grad_accum`` micro-batches of ``train.micro_batch`` x ``m
 tokens on each of ``world_size`` ranks, so that ``train.total_batch`` tokens enter every step;
 ``grad_accum`` is derived, never configured. Under DDP the gradients are all-reduced once per
 step (``no_sync`` on the other micro-steps) and only rank 0 writes logs and checkpoints. On
-CUDA: bf16 autocast, TF32 matmuls and ``torch.compile``; on CPU: float32, eager.
+CUDA: bf16 autocast, TF32 matmuls and ``torch.compile``; on CPU: float32, eager. The speed
+switches ([perf]: compile mode, attention kernel, fused loss, recompute) live in ``gpt2lab.perf``.
 
 Departures from nanoGPT's train.py: the config is dataclasses + TOML (never ``exec``); the
 loss and the grad norm are read to the host once per step, before ``optimizer.step()``, so a
@@ -34,6 +35,7 @@ from gpt2lab.dist import DistInfo, destroy_distributed, init_distributed
 from gpt2lab.errors import Gpt2LabError
 from gpt2lab.model import GPT, GPTConfig
 from gpt2lab.optim import lr_at, make_optimizer, set_lr
+from gpt2lab.perf import prepare_model, step_context
 
 if TYPE_CHECKING:
     import argparse
@@ -65,7 +67,6 @@ class TrainConfig:
     seed: int = 1337  # seed of the weight init (and of the python/numpy/torch RNGs)
     device: str = "auto"  # auto (cuda, mps, cpu: the best present), cpu, cuda, mps
     dtype: str = "auto"  # autocast dtype: auto (bfloat16 on CUDA, float32 elsewhere), bfloat16, float32
-    compile: bool | None = None  # torch.compile the model; auto (None) = on for CUDA, off elsewhere
     save_every: int = 1000  # steps between checkpoints (0 = only at the end and on a signal)
     keep_checkpoints: int = 3  # newest checkpoints kept in RUN_DIR/checkpoints (0 = all)
 
@@ -349,9 +350,7 @@ def setup(cfg: Config, run_dir: Path, info: DistInfo, resume: bool) -> Run:
         torch.backends.cuda.matmul.allow_tf32 = True  # TF32 for any matmul left in float32
         torch.backends.cudnn.allow_tf32 = True
 
-    def autocast():
-        return torch.autocast(device_type=device_type, dtype=dtype, enabled=dtype != torch.float32)
-
+    autocast = step_context(device_type, dtype)  # autocast + the chosen attention kernel
     seed_everything(cfg.train.seed)
     raw_model = GPT(cfg.model).to(info.device)
     optimizer = make_optimizer(raw_model, cfg.optim, device_type)
@@ -366,9 +365,7 @@ def setup(cfg: Config, run_dir: Path, info: DistInfo, resume: bool) -> Run:
     start_step = 0
     if resume:
         start_step = restore(latest, raw_model, optimizer, loader, info)
-    model: torch.nn.Module = raw_model
-    if cfg.train.compile if cfg.train.compile is not None else device_type == "cuda":
-        model = torch.compile(model)
+    model = prepare_model(raw_model, cfg.perf, device_type)  # compiled and/or fused loss, per [perf]
     if info.is_distributed:
         from torch.nn.parallel import DistributedDataParallel as DDP
 

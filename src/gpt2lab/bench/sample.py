@@ -1,0 +1,149 @@
+"""`gpt2lab bench sample`: decoding speed of gpt2lab's KV-cache sampler against transformers.
+
+Both run the same weights (random GPT-2 124M by default, or any ``--model``), from the same
+prompt, for the same number of new tokens (eos disabled on both sides), greedy by default.
+Runs alternate between the two implementations and the median time is reported, so a shared
+machine's load hits both alike. tok/s counts new tokens of all samples (batch x new tokens)
+over the whole call, prefill included. Greedy outputs are also compared token for token.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+
+from gpt2lab.errors import Gpt2LabError
+from gpt2lab.generate import generate_ids
+from gpt2lab.model import GPT, GPTConfig
+
+
+def to_transformers(model: GPT):
+    """A transformers GPT2LMHeadModel holding the same weights (same device and dtype), in eval mode."""
+    try:
+        from transformers import GPT2Config, GPT2LMHeadModel
+    except ImportError:
+        raise Gpt2LabError("gpt2lab bench sample compares against transformers: pip install 'gpt2lab[hf]'") from None
+    from gpt2lab.hf import config_to_hf, to_hf_state_dict
+
+    param = next(model.parameters())
+    hf = GPT2LMHeadModel(GPT2Config(**config_to_hf(model.config)))
+    missing, unexpected = hf.load_state_dict(to_hf_state_dict(model), strict=False)
+    if [k for k in missing if k != "lm_head.weight"] or unexpected:
+        raise RuntimeError(f"weight conversion mismatch: missing {missing}, unexpected {unexpected}")
+    hf.tie_weights()
+    return hf.to(device=param.device, dtype=param.dtype).eval()
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _timed(fn: Callable[[], object], device: torch.device) -> tuple[float, object]:
+    _sync(device)
+    t0 = time.perf_counter()
+    out = fn()
+    _sync(device)
+    return time.perf_counter() - t0, out
+
+
+def bench_batch(model: GPT, hf_model, prompt: list[int], batch: int, new_tokens: int, args) -> dict:
+    """Median seconds of gpt2lab and transformers for one batch size, and whether greedy outputs agree."""
+    device = next(model.parameters()).device
+    greedy = args.temperature == 0
+    idx = torch.tensor([prompt] * batch, device=device)  # (B, T)
+
+    def ours():
+        kw = dict(temperature=args.temperature, top_k=args.top_k, seed=0, eos_id=None)
+        return generate_ids(model, prompt, num_samples=batch, max_new_tokens=new_tokens, **kw)
+
+    def theirs():
+        kw = dict(do_sample=False)
+        if not greedy:
+            kw = dict(do_sample=True, top_k=args.top_k or 0, temperature=args.temperature)
+        with torch.inference_mode():
+            out = hf_model.generate(
+                idx,
+                attention_mask=torch.ones_like(idx),
+                max_new_tokens=new_tokens,
+                min_new_tokens=new_tokens,
+                use_cache=True,
+                pad_token_id=hf_model.config.eos_token_id,
+                **kw,
+            )
+        return out[:, len(prompt) :].tolist()
+
+    times: dict[str, list[float]] = {"gpt2lab": [], "transformers": []}
+    outputs = {}
+    for i in range(args.warmup + args.repeats):
+        for name, fn in (("gpt2lab", ours), ("transformers", theirs)):
+            seconds, outputs[name] = _timed(fn, device)
+            if i >= args.warmup:
+                times[name].append(seconds)
+    lengths = {len(s) for name in outputs for s in outputs[name]}
+    if lengths != {new_tokens}:
+        raise RuntimeError(f"unequal generation lengths {lengths}, expected {new_tokens}")
+    same = outputs["gpt2lab"] == outputs["transformers"] if greedy else None
+    return {name: statistics.median(t) for name, t in times.items()} | {"same_tokens": same}
+
+
+def _build_model(args) -> GPT:
+    from gpt2lab.loading import DTYPES, load_model
+
+    if args.model is None:
+        torch.manual_seed(0)
+        model = GPT(GPTConfig.from_preset("gpt2"))  # random GPT-2 124M: speed does not depend on weights
+        return model.to(device=args.device, dtype=DTYPES[args.dtype or "float32"]).eval()
+    return load_model(args.model, args.device, args.dtype)
+
+
+def bench_sample(args: argparse.Namespace) -> int:
+    """Print a table: batch, gpt2lab tok/s, transformers tok/s, ratio."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from gpt2lab.dist import default_device
+    from gpt2lab.generate import _check_device
+
+    args.device = _check_device(args.device or default_device())
+    if args.new_tokens < 1 or args.prompt_tokens < 1 or args.repeats < 1 or args.warmup < 0:
+        raise Gpt2LabError("--new-tokens, --prompt-tokens and --repeats must be >= 1, --warmup >= 0")
+    if any(b < 1 for b in args.batch_sizes):
+        raise Gpt2LabError(f"--batch-sizes must be >= 1 (got {args.batch_sizes})")
+    if args.threads is not None:
+        if args.threads < 1:
+            raise Gpt2LabError(f"--threads must be >= 1 (got {args.threads})")
+        torch.set_num_threads(args.threads)
+    torch.set_grad_enabled(False)
+    model = _build_model(args)
+    if args.prompt_tokens + args.new_tokens > model.config.block_size:
+        raise Gpt2LabError(
+            f"--prompt-tokens + --new-tokens = {args.prompt_tokens + args.new_tokens} exceeds the "
+            f"context of {model.config.block_size}"
+        )
+    hf_model = to_transformers(model)
+    g = torch.Generator().manual_seed(1234)
+    prompt = torch.randint(0, model.config.vocab_size - 1, (args.prompt_tokens,), generator=g).tolist()
+    import transformers
+
+    dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+    console = Console()
+    console.print(
+        f"model {args.model or 'random gpt2 (124M)'}, {model.num_params(False) / 1e6:.0f}M params, "
+        f"device {args.device}, {dtype}, {torch.get_num_threads()} threads, prompt {args.prompt_tokens} tokens, "
+        f"{args.new_tokens} new tokens, {'greedy' if args.temperature == 0 else f'T={args.temperature}'}, "
+        f"median of {args.repeats} after {args.warmup} warmup; torch {torch.__version__}, "
+        f"transformers {transformers.__version__}"
+    )
+    table = Table("batch", "gpt2lab tok/s", "transformers tok/s", "ratio", "same tokens")
+    for batch in args.batch_sizes:
+        r = bench_batch(model, hf_model, prompt, batch, args.new_tokens, args)
+        ours, theirs = batch * args.new_tokens / r["gpt2lab"], batch * args.new_tokens / r["transformers"]
+        same = "-" if r["same_tokens"] is None else ("yes" if r["same_tokens"] else "no")
+        table.add_row(str(batch), f"{ours:,.1f}", f"{theirs:,.1f}", f"{ours / theirs:.2f}x", same)
+    console.print(table)
+    return 0

@@ -1,0 +1,161 @@
+"""The command line as a user meets it: `gpt2lab sample`, `export`, `bench sample`, and every clear error."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import gpt2lab.tokenizer as tokmod
+from gpt2lab.checkpoint import WEIGHTS_NAME, save_model
+from gpt2lab.cli import main
+from gpt2lab.generate import generate_ids
+from gpt2lab.model import GPT, GPTConfig
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=64, padded_vocab_size=50304, n_layer=2, n_head=2, n_embd=32))
+    with torch.no_grad():
+        model.lm_head.weight.mul_(20)  # spread the logits so greedy choices are not near-ties
+    return save_model(model, tmp_path_factory.mktemp("cli") / "ckpt")
+
+
+def run(capsys, *argv: str) -> tuple[int, str, str]:
+    capsys.readouterr()
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def error(capsys, *argv: str) -> str:
+    """The CLI's message for a user error: exit code 2, one line, no traceback."""
+    code, out, err = run(capsys, *argv)
+    assert code == 2, (code, out, err)
+    assert err.startswith("error: ") and "Traceback" not in err
+    return err
+
+
+def test_python_m_gpt2lab_help():
+    result = subprocess.run([sys.executable, "-m", "gpt2lab", "--help"], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0
+    for command in ("sample", "export", "bench"):
+        assert command in result.stdout
+
+
+def test_sample_greedy_prints_prompt_and_the_model_continuation(capsys, checkpoint, tokenizer):
+    code, out, err = run(
+        capsys, "sample", "--model", checkpoint, "--prompt", "Hello, I'm", "--max-new-tokens", 12, "--temperature", 0
+    )
+    assert code == 0, err
+    from gpt2lab.loading import load_model
+
+    ids = generate_ids(load_model(str(checkpoint)), tokenizer.encode("Hello, I'm"), max_new_tokens=12, temperature=0)
+    assert out == "Hello, I'm" + tokenizer.decode([t for t in ids[0] if t != tokenizer.eot]) + "\n"
+
+
+def test_sample_several_samples_print_blocks_and_repeat_with_a_seed(capsys, checkpoint):
+    argv = ["sample", "--model", checkpoint, "--prompt", "Once", "--num-samples", 3, "--max-new-tokens", 8]
+    code, out, _ = run(capsys, *argv, "--top-k", 50, "--seed", 42)
+    assert code == 0
+    blocks = out.split("--- sample ")
+    assert [b[:5] for b in blocks[1:]] == ["1 ---", "2 ---", "3 ---"]
+    assert all(b.split("---\n", 1)[1].startswith("Once") for b in blocks[1:])
+    assert run(capsys, *argv, "--top-k", 50, "--seed", 42)[1] == out
+    assert run(capsys, *argv, "--top-k", 50, "--seed", 43)[1] != out
+    assert run(capsys, *argv, "--top-p", 0.9, "--temperature", 0.7, "--seed", 1)[0] == 0
+
+
+def test_sample_empty_prompt_and_long_prompt(capsys, checkpoint):
+    code, out, _ = run(capsys, "sample", "--model", checkpoint, "--max-new-tokens", 5, "--seed", 0)
+    assert code == 0 and out.endswith("\n")
+    long_prompt = "word" + " word" * 79  # 80 tokens, more than the context of 64
+    code, out, err = run(capsys, "sample", "--model", checkpoint, "--prompt", long_prompt, "--max-new-tokens", 3)
+    assert code == 0
+    assert "warning: the prompt has 80 tokens; keeping its last 64" in err
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--num-samples", "0"], "--num-samples must be >= 1"),
+        (["--max-new-tokens", "-1"], "--max-new-tokens must be >= 0"),
+        (["--temperature", "-1"], "--temperature must be >= 0"),
+        (["--top-k", "0"], "--top-k must be >= 1"),
+        (["--top-p", "0"], "--top-p must be in (0, 1]"),
+        (["--top-p", "1.5"], "--top-p must be in (0, 1]"),
+        (["--device", "nonsense"], "is not a device"),
+    ],
+)
+def test_bad_sampling_arguments(capsys, checkpoint, args, message):
+    assert message in error(capsys, "sample", "--model", checkpoint, *args)
+
+
+def test_bad_model_arguments(capsys, tmp_path, checkpoint):
+    assert "no such folder, and not a GPT-2 name" in error(capsys, "sample", "--model", tmp_path / "nope")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert "not a gpt2lab checkpoint, run folder or Hugging Face folder" in error(capsys, "sample", "--model", empty)
+    assert "is a file" in error(capsys, "sample", "--model", checkpoint / WEIGHTS_NAME)
+
+
+def test_hub_name_offline_is_a_clear_error(capsys, monkeypatch, tmp_path):
+    pytest.importorskip("huggingface_hub")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path))  # an empty cache
+    import huggingface_hub.constants as hub_constants
+
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)
+    assert "could not fetch 'gpt2'" in error(capsys, "sample", "--model", "gpt2")
+
+
+def test_broken_checkpoint_files(capsys, tmp_path, checkpoint):
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for name in ("config.json", WEIGHTS_NAME):
+        (broken / name).write_bytes((checkpoint / name).read_bytes())
+    data = (checkpoint / WEIGHTS_NAME).read_bytes()
+    (broken / WEIGHTS_NAME).write_bytes(data[:1000])
+    err = error(capsys, "sample", "--model", broken)
+    assert str(broken / WEIGHTS_NAME) in err and "truncated or corrupt" in err
+
+    (broken / WEIGHTS_NAME).write_bytes(data)
+    config = json.loads((checkpoint / "config.json").read_text())
+    config["model"]["n_embd"] = 64
+    (broken / "config.json").write_text(json.dumps(config))
+    err = error(capsys, "sample", "--model", broken)
+    assert str(broken / WEIGHTS_NAME) in err and "has shape" in err and "the config needs" in err
+
+    (broken / "config.json").write_text("{broken")
+    assert "config.json: not valid JSON" in error(capsys, "export", broken, tmp_path / "out")
+
+
+def test_no_tokenizer_files_offline(capsys, monkeypatch, tmp_path, checkpoint):
+    monkeypatch.delenv("GPT2LAB_MIRROR", raising=False)
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(tokmod, "_online", lambda *a, **k: False)
+    err = error(capsys, "sample", "--model", checkpoint)
+    assert "tokenizer files are not available offline" in err and "TIKTOKEN_CACHE_DIR" in err
+    assert "no encoder.json" in error(capsys, "sample", "--model", checkpoint, "--tokenizer", tmp_path)
+    code, out, _ = run(capsys, "export", checkpoint, tmp_path / "hf")  # export still works, without them
+    assert code == 0 and "without tokenizer files" in out and "warning: tokenizer files not exported" in out
+
+
+def test_bench_sample_runs_and_agrees_with_transformers(capsys, checkpoint):
+    pytest.importorskip("transformers")
+    argv = ["bench", "sample", "--model", checkpoint, "--new-tokens", 4, "--batch-sizes", 1, 2]
+    code, out, err = run(capsys, *argv, "--warmup", 0, "--repeats", 1)
+    assert code == 0, err
+    rows = [line for line in out.splitlines() if line.lstrip("│ ").split(" ")[0] in ("1", "2")]
+    assert len(rows) == 2 and all("yes" in row for row in rows)  # greedy outputs identical to transformers
+    assert "--new-tokens" in error(capsys, *argv, "--repeats", 0)

@@ -1,0 +1,109 @@
+"""Every [perf] switch computes the same training step as the plain path (issue: speed)."""
+
+
+import pytest
+import torch
+
+from gpt2lab.bench.train import RandomBatches
+from gpt2lab.model import GPT, GPTConfig
+from gpt2lab.optim import OptimConfig, make_optimizer
+from gpt2lab.perf import PerfConfig, prepare_model, step_context
+from gpt2lab.train import train_step
+
+CFG = GPTConfig(block_size=32, vocab_size=300, padded_vocab_size=320, n_layer=2, n_head=2, n_embd=32)
+
+
+def _steps(perf: PerfConfig, n: int = 3, model: torch.nn.Module | None = None):
+    """Losses, grad norms and final parameters of n AdamW steps on fixed random batches."""
+    torch.manual_seed(0)
+    raw = GPT(CFG)
+    step_model = model(raw) if model is not None else prepare_model(raw, perf, "cpu")
+    opt = make_optimizer(raw, OptimConfig(lr=1e-3, decay_steps=10), "cpu")
+    batches = RandomBatches(4, CFG.block_size, CFG.vocab_size, "cpu")
+    context = step_context("cpu", torch.float32)
+    out = [train_step(step_model, raw, opt, batches, 2, autocast=context, grad_clip=1.0)[:2] for _ in range(n)]
+    return out, raw
+
+
+def _assert_same(a, b, atol=1e-5):
+    """Same losses and grad norms at every step (AdamW magnifies float noise in the weights themselves)."""
+    for (la, na), (lb, nb) in zip(a[0], b[0]):
+        assert la == pytest.approx(lb, abs=atol) and na == pytest.approx(nb, abs=atol)
+
+
+def _grads(perf: PerfConfig) -> tuple[float, list[torch.Tensor]]:
+    """Loss and gradients of one forward/backward of two micro-batches."""
+    from gpt2lab.train import forward_backward
+
+    torch.manual_seed(0)
+    raw = GPT(CFG)
+    model = prepare_model(raw, perf, "cpu")
+    batches = RandomBatches(4, CFG.block_size, CFG.vocab_size, "cpu")
+    loss = forward_backward(model, batches, 2, step_context("cpu", torch.float32), ddp=False)
+    return loss.item(), [p.grad for p in raw.parameters()]
+
+
+PLAIN = PerfConfig(compile=False)
+
+
+@pytest.mark.parametrize(
+    "perf",
+    [
+        PerfConfig(compile=False, ce_chunk_size=24),
+        PerfConfig(compile=False, activation_checkpointing=True),
+        PerfConfig(compile=False, attn_backend="math"),
+        PerfConfig(compile=False, ce_chunk_size=50, activation_checkpointing=True, attn_backend="math"),
+    ],
+    ids=["fused-ce", "activation-checkpointing", "math-attention", "all"],
+)
+def test_switch_computes_the_plain_loss_and_gradients(perf):
+    (loss, grads), (plain_loss, plain_grads) = _grads(perf), _grads(PLAIN)
+    assert loss == pytest.approx(plain_loss, abs=1e-6)
+    for g, pg in zip(grads, plain_grads):
+        torch.testing.assert_close(g, pg, rtol=1e-4, atol=1e-6)
+    _assert_same(_steps(perf), _steps(PLAIN))
+
+
+def test_bad_perf_values_are_reported():
+    problems = PerfConfig(compile_mode="fast", attn_backend="triton", ce_chunk_size=-1).validate()
+    assert len(problems) == 3 and "perf.compile_mode" in problems[0] and "perf.attn_backend" in problems[1]
+
+
+def test_compiled_training_never_recompiles_for_eval_or_sampling():
+    """Eval and sampling run the raw model: the compiled step's graph is traced once and kept."""
+    from torch._dynamo.testing import CompileCounter
+
+    from gpt2lab.generate import generate_ids
+    from gpt2lab.train import val_loss
+
+    torch._dynamo.reset()
+    counter = CompileCounter()
+    compiled = _steps(PLAIN, n=2, model=lambda raw: torch.compile(raw, backend=counter))
+    frames = counter.frame_count
+    assert frames >= 1
+    eager = _steps(PLAIN, n=2)
+    _assert_same(compiled, eager)
+    raw = compiled[1]
+    batches = RandomBatches(4, CFG.block_size, CFG.vocab_size, "cpu")
+    context = step_context("cpu", torch.float32)
+    assert val_loss(raw, batches_with_reset(batches), 2, context) == pytest.approx(
+        val_loss(eager[1], batches_with_reset(batches), 2, context), abs=1e-6
+    )
+    same = [generate_ids(m, [1, 2, 3], max_new_tokens=8, temperature=0) for m in (raw, eager[1])]
+    assert same[0] == same[1]
+    assert counter.frame_count == frames  # nothing was traced again
+
+
+class batches_with_reset(RandomBatches):
+    def __init__(self, other: RandomBatches):
+        self.x, self.y = other.x, other.y
+
+    def reset(self) -> None:
+        pass
+
+
+@pytest.mark.slow
+def test_inductor_compiled_step_equals_eager():
+    """The real torch.compile (inductor, C++ on CPU): same losses as eager. Takes ~1 min on 2 cores."""
+    torch._dynamo.reset()
+    _assert_same(_steps(PerfConfig(compile=True), n=2), _steps(PLAIN, n=2), atol=1e-4)
