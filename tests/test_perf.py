@@ -1,6 +1,5 @@
 """Every [perf] switch computes the same training step as the plain path (issue: speed)."""
 
-
 import pytest
 import torch
 
@@ -102,8 +101,29 @@ class batches_with_reset(RandomBatches):
         pass
 
 
-@pytest.mark.slow
 def test_inductor_compiled_step_equals_eager():
-    """The real torch.compile (inductor, C++ on CPU): same losses as eager. Takes ~1 min on 2 cores."""
+    """The real torch.compile (inductor, C++ kernels on CPU): the same losses as eager."""
     torch._dynamo.reset()
     _assert_same(_steps(PerfConfig(compile=True), n=2), _steps(PLAIN, n=2), atol=1e-4)
+
+
+@pytest.mark.parametrize("decode", ["static", "graph"])
+def test_decode_modes_generate_the_eager_tokens(decode):
+    from gpt2lab.generate import generate_ids
+
+    if decode == "graph" and not torch.cuda.is_available():
+        pytest.skip("CUDA graphs need a GPU; the static cache they replay is tested on CPU")
+    torch.manual_seed(0)
+    model = GPT(CFG).eval()
+    kw = dict(num_samples=3, max_new_tokens=40, top_k=20, seed=7, eos_id=None)  # 3 + 40 > 32: the window slides
+    assert generate_ids(model, [5, 6, 7], decode=decode, **kw) == generate_ids(model, [5, 6, 7], **kw)
+
+
+def test_graph_decoding_without_cuda_is_a_clear_error():
+    from gpt2lab.errors import Gpt2LabError
+    from gpt2lab.generate import generate_ids
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(Gpt2LabError, match="CUDA-graph decoding needs a CUDA device"):
+        generate_ids(GPT(CFG).eval(), [1], max_new_tokens=4, decode="graph")

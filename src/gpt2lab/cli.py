@@ -28,6 +28,10 @@ def add_sample(sub) -> None:
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps (default: best available)")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
     p.add_argument("--tokenizer", default=None, help="folder with encoder.json and vocab.bpe")
+    p.add_argument(
+        "--decode", default="eager", choices=["eager", "static", "graph"],
+        help="how each token step runs: eager (dynamic KV cache), static (static cache), graph (CUDA graph)",
+    )  # fmt: skip
     p.set_defaults(func=run_sample)
 
 
@@ -211,6 +215,9 @@ def add_bench_sample(bsub) -> None:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
+    p.add_argument("--decode", nargs="+", default=["eager"], choices=["eager", "static", "graph"],
+                   help="gpt2lab decoding modes to time (see gpt2lab sample --decode)")  # fmt: skip
+    p.add_argument("--compare", action="store_true", help="time eager against graph (CUDA) or static (CPU) decoding")
     p.set_defaults(func=run_bench_sample)
 
 

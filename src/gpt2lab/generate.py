@@ -114,6 +114,8 @@ def fit_context(
 
 # ----------------------------------------------------------------------------- the engine
 
+DECODE_MODES = ("eager", "static", "graph")
+
 
 def _head_for_decoding(model: GPT, steps: int) -> torch.Tensor:
     """The LM head as a (C, vocab_size) matrix: padded rows dropped, transposed.
@@ -145,6 +147,7 @@ def generate(
     top_p: float | None = None,
     seed: int | None = None,
     eos_id: int | None = EOT_ID,
+    decode: str = "eager",
 ) -> Iterator[list[int | None]]:
     """Yield, at each step, the new token of every sample (None once a sample has ended).
 
@@ -154,8 +157,14 @@ def generate(
     in eval mode (``load_model`` returns one), or dropout stays on. When the text reaches
     block_size, the cache is rebuilt from the last half of the context (one prefill every
     block_size // 2 tokens), so generation can go on.
+
+    ``decode`` picks how each one-token step runs, all computing the same logits: "eager"
+    (dynamic KV cache), "static" (static KV cache), "graph" (static cache, the step replayed
+    as a CUDA graph: no per-kernel launch cost; CUDA only).
     """
     check_sampling_args(num_samples, max_new_tokens, temperature, top_k, top_p)
+    if decode not in DECODE_MODES:
+        raise Gpt2LabError(f"decode must be one of {', '.join(DECODE_MODES)} (got {decode!r})")
     block_size = model.config.block_size
     ids, notes = fit_context(prompt_ids, block_size, max_new_tokens, eos_id)
     for note in notes:
@@ -169,12 +178,15 @@ def generate(
     else:
         generator.manual_seed(seed)
     B, T = num_samples, len(ids)
-    cache = KVCache(model.config, B, min(block_size, T + max_new_tokens), param.device, param.dtype)
+    max_len = min(block_size, T + max_new_tokens)
+    cache = KVCache(model.config, B, max_len, param.device, param.dtype, static=decode != "eager")
     tokens = torch.empty(B, T + max_new_tokens, dtype=torch.long, device=param.device)  # prompt + new
     tokens[:, :T] = torch.tensor(ids, dtype=torch.long, device=param.device)
     done = [False] * B
     head = _head_for_decoding(model, max_new_tokens)
+    step_fn = GraphedStep(model, cache, head) if decode == "graph" else None
     logits = _last_logits(model, tokens[:, :T], cache, head)  # prefill: the whole prompt in one pass
+    filled = T  # positions in the cache (counted here: reading a static cache's position would sync)
     for step in range(max_new_tokens):
         token = sample_next(logits, temperature, top_k, top_p, generator)  # (B,)
         tokens[:, T + step] = token
@@ -183,12 +195,53 @@ def generate(
         done = [d or t == eos_id for t, d in zip(new, done)]
         if all(done) or step == max_new_tokens - 1:
             return
-        if cache.pos < cache.max_len:
-            logits = _last_logits(model, token.unsqueeze(1), cache, head)  # decode: one position per step
+        if filled < cache.max_len:  # decode: one position per step
+            logits = step_fn(token) if step_fn else _last_logits(model, token.unsqueeze(1), cache, head)
+            filled += 1
         else:  # context full: slide the window, re-prefilling the last half of the context
             cache.reset()
-            end = T + step + 1
-            logits = _last_logits(model, tokens[:, end - (block_size - block_size // 2) : end], cache, head)
+            end, filled = T + step + 1, block_size - block_size // 2
+            logits = _last_logits(model, tokens[:, end - filled : end], cache, head)
+
+
+class GraphedStep:
+    """The one-token decoding step captured once as a CUDA graph over a static KV cache.
+
+    At batch 1 a GPT-2 step is a few hundred small kernels, and the GPU waits on Python and
+    kernel launches rather than on arithmetic; a replayed graph launches them all at once.
+    It works because a static cache keeps every step's shapes fixed and holds its position
+    in a tensor the graph advances itself. Inputs go in through ``self.idx``; the logits come
+    out in ``self.logits`` (overwritten by the next replay).
+    """
+
+    def __init__(self, model: GPT, cache: KVCache, head: torch.Tensor):
+        if not cache.static or cache.k.device.type != "cuda":
+            raise Gpt2LabError("CUDA-graph decoding needs a CUDA device (use --decode eager or static)")
+        self.model, self.cache, self.head = model, cache, head
+        self.idx = torch.zeros(cache.k.size(1), 1, dtype=torch.long, device=cache.k.device)  # (B, 1)
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.logits: torch.Tensor | None = None
+
+    def _capture(self) -> None:
+        pos = self.cache.pos_t.clone()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm up outside the graph, as CUDA graph capture requires
+            for _ in range(2):
+                _last_logits(self.model, self.idx, self.cache, self.head)
+                self.cache.pos_t.copy_(pos)  # undo the warm-up's advance (its cache write is redone)
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):  # recorded, not run: the cache and position are untouched
+            self.logits = _last_logits(self.model, self.idx, self.cache, self.head)
+
+    def __call__(self, token: torch.Tensor) -> torch.Tensor:
+        """Logits (B, V) after feeding token (B,) at the cache's position."""
+        self.idx.copy_(token.unsqueeze(1))
+        if self.graph is None:
+            self._capture()
+        self.graph.replay()
+        return self.logits
 
 
 def generate_ids(model: GPT, prompt_ids: Sequence[int], **kwargs) -> list[list[int]]:
@@ -333,6 +386,7 @@ def sample_command(args: argparse.Namespace) -> int:
         top_p=args.top_p,
         seed=args.seed,
         eos_id=tokenizer.eot,
+        decode=args.decode,
     )
     streams = [TextStream(tokenizer, tokenizer.eot) for _ in range(args.num_samples)]
     with warnings.catch_warnings():  # generate's warnings (context cropping) as one plain line each

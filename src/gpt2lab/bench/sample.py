@@ -57,9 +57,9 @@ def bench_batch(model: GPT, hf_model, prompt: list[int], batch: int, new_tokens:
     greedy = args.temperature == 0
     idx = torch.tensor([prompt] * batch, device=device)  # (B, T)
 
-    def ours():
-        kw = dict(temperature=args.temperature, top_k=args.top_k, seed=0, eos_id=None)
-        return generate_ids(model, prompt, num_samples=batch, max_new_tokens=new_tokens, **kw)
+    def ours(decode: str) -> Callable[[], list[list[int]]]:
+        kw = dict(temperature=args.temperature, top_k=args.top_k, seed=0, eos_id=None, decode=decode)
+        return lambda: generate_ids(model, prompt, num_samples=batch, max_new_tokens=new_tokens, **kw)
 
     def theirs():
         kw = dict(do_sample=False)
@@ -77,17 +77,18 @@ def bench_batch(model: GPT, hf_model, prompt: list[int], batch: int, new_tokens:
             )
         return out[:, len(prompt) :].tolist()
 
-    times: dict[str, list[float]] = {"gpt2lab": [], "transformers": []}
+    runners = {f"gpt2lab {mode}": ours(mode) for mode in args.decode} | {"transformers": theirs}
+    times: dict[str, list[float]] = {name: [] for name in runners}
     outputs = {}
     for i in range(args.warmup + args.repeats):
-        for name, fn in (("gpt2lab", ours), ("transformers", theirs)):
+        for name, fn in runners.items():
             seconds, outputs[name] = _timed(fn, device)
             if i >= args.warmup:
                 times[name].append(seconds)
     lengths = {len(s) for name in outputs for s in outputs[name]}
     if lengths != {new_tokens}:
         raise RuntimeError(f"unequal generation lengths {lengths}, expected {new_tokens}")
-    same = outputs["gpt2lab"] == outputs["transformers"] if greedy else None
+    same = all(out == outputs["transformers"] for out in outputs.values()) if greedy else None
     return {name: statistics.median(t) for name, t in times.items()} | {"same_tokens": same}
 
 
@@ -110,6 +111,8 @@ def bench_sample(args: argparse.Namespace) -> int:
     from gpt2lab.generate import _check_device
 
     args.device = _check_device(args.device or default_device())
+    if args.compare:  # the plain path against the fastest one for this device
+        args.decode = ["eager", "graph" if args.device.startswith("cuda") else "static"]
     if args.new_tokens < 1 or args.prompt_tokens < 1 or args.repeats < 1 or args.warmup < 0:
         raise Gpt2LabError("--new-tokens, --prompt-tokens and --repeats must be >= 1, --warmup >= 0")
     if any(b < 1 for b in args.batch_sizes):
@@ -139,11 +142,16 @@ def bench_sample(args: argparse.Namespace) -> int:
         f"median of {args.repeats} after {args.warmup} warmup; torch {torch.__version__}, "
         f"transformers {transformers.__version__}"
     )
-    table = Table("batch", "gpt2lab tok/s", "transformers tok/s", "ratio", "same tokens")
+    names = [f"gpt2lab {mode}" for mode in args.decode]
+    table = Table("batch", *(f"{n} tok/s" for n in names), "transformers tok/s", *(f"{n} ratio" for n in names),
+                  "same tokens")  # fmt: skip
     for batch in args.batch_sizes:
         r = bench_batch(model, hf_model, prompt, batch, args.new_tokens, args)
-        ours, theirs = batch * args.new_tokens / r["gpt2lab"], batch * args.new_tokens / r["transformers"]
+        rates = {name: batch * args.new_tokens / r[name] for name in [*names, "transformers"]}
         same = "-" if r["same_tokens"] is None else ("yes" if r["same_tokens"] else "no")
-        table.add_row(str(batch), f"{ours:,.1f}", f"{theirs:,.1f}", f"{ours / theirs:.2f}x", same)
+        table.add_row(
+            str(batch), *(f"{rates[n]:,.1f}" for n in [*names, "transformers"]),
+            *(f"{rates[n] / rates['transformers']:.2f}x" for n in names), same,
+        )  # fmt: skip
     console.print(table)
     return 0
