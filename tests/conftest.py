@@ -17,6 +17,19 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
+@pytest.fixture(autouse=True)
+def _no_leaked_torch_state():
+    """A test (or the CLI it calls in-process) must not leave grad mode or thread count changed."""
+    import torch
+
+    grad, threads = torch.is_grad_enabled(), torch.get_num_threads()
+    yield
+    leaked = (torch.is_grad_enabled(), torch.get_num_threads()) != (grad, threads)
+    torch.set_grad_enabled(grad)
+    torch.set_num_threads(threads)
+    assert not leaked, "the test left torch's grad mode or thread count changed"
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     if not (SHARED_DATA / "gpt2_tokenizer" / "vocab.bpe").is_file():

@@ -121,8 +121,7 @@ def bench_sample(args: argparse.Namespace) -> int:
         if args.threads < 1:
             raise Gpt2LabError(f"--threads must be >= 1 (got {args.threads})")
         torch.set_num_threads(args.threads)
-    torch.set_grad_enabled(False)
-    model = _build_model(args)
+    model = _build_model(args).requires_grad_(False)
     if args.prompt_tokens + args.new_tokens > model.config.block_size:
         raise Gpt2LabError(
             f"--prompt-tokens + --new-tokens = {args.prompt_tokens + args.new_tokens} exceeds the "
