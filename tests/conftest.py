@@ -18,13 +18,17 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
 @pytest.fixture(autouse=True)
-def _no_leaked_torch_state():
-    """A test (or the CLI it calls in-process) must not leave grad mode or thread count changed."""
+def _one_thread_and_no_leaked_torch_state():
+    """Each test runs torch on one thread, and must not leave grad mode or the thread count changed.
+
+    Tiny models run faster on one thread, and on a shared CPU multi-threaded ops stall.
+    """
     import torch
 
     grad, threads = torch.is_grad_enabled(), torch.get_num_threads()
+    torch.set_num_threads(1)
     yield
-    leaked = (torch.is_grad_enabled(), torch.get_num_threads()) != (grad, threads)
+    leaked = (torch.is_grad_enabled(), torch.get_num_threads()) != (grad, 1)
     torch.set_grad_enabled(grad)
     torch.set_num_threads(threads)
     assert not leaked, "the test left torch's grad mode or thread count changed"

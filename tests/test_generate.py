@@ -12,15 +12,6 @@ from gpt2lab.model import GPT, GPTConfig
 EOT = 50256
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run faster on one thread, and a shared CPU makes multi-threaded ops stall."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def kept(logits: torch.Tensor) -> set[int]:
     return set(torch.nonzero(torch.isfinite(logits)).flatten().tolist())
 

@@ -13,15 +13,6 @@ import torch.nn.functional as F
 from gpt2lab.model import GPT, GPTConfig, KVCache
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run faster on one thread, and a shared CPU makes multi-threaded ops stall."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def assert_rel_close(actual: torch.Tensor, expected: torch.Tensor, tol: float = 1e-5) -> None:
     err = (actual - expected).abs().max().item()
     scale = expected.abs().max().item()

@@ -26,15 +26,6 @@ TINY = {
 }
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run faster on one thread, and much faster when other work shares the cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="session")
 def shakespeare_data(tmp_path_factory, shared_data) -> Path:
     """Tiny Shakespeare prepared into shards once per session (~2 s)."""

@@ -229,7 +229,7 @@ def run_bench_sample(args: argparse.Namespace) -> int:
 
 def add_bench_data(bsub) -> None:
     p = bsub.add_parser("data", help="tokenization throughput (1 worker vs all cores) and loader batches/s")
-    p.add_argument("--mb", type=float, default=16.0, help="MB of text to tokenize (Tiny Shakespeare repeated)")
+    p.add_argument("--mb", type=float, default=64.0, help="MB of text to tokenize (Tiny Shakespeare repeated)")
     p.add_argument("--workers", type=int, default=None, help="parallel workers to compare with 1 (default: all cores)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--seq-len", type=int, default=1024)
