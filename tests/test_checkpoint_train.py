@@ -15,7 +15,7 @@ import torch
 from gpt2lab import checkpoint as ckpt
 from gpt2lab.cli import main
 from tests.conftest import REPO
-from tests.test_train import one_thread, read_metrics, shakespeare_data, write_config  # noqa: F401 (fixtures)
+from tests.test_train import read_metrics, shakespeare_data, write_config  # noqa: F401 (fixtures)
 
 STEPS = 8  # the straight run; optim.decay_steps is 8 in every run, so the schedules agree
 
