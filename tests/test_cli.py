@@ -146,8 +146,10 @@ def test_no_tokenizer_files_offline(capsys, monkeypatch, tmp_path, checkpoint):
 def test_bench_sample_runs_and_agrees_with_transformers(capsys, checkpoint):
     pytest.importorskip("transformers")
     argv = ["bench", "sample", "--model", checkpoint, "--new-tokens", 4, "--batch-sizes", 1, 2]
-    code, out, err = run(capsys, *argv, "--warmup", 0, "--repeats", 1)
+    code, out, err = run(capsys, *argv, "--warmup", 0, "--repeats", 1, "--compare")
     assert code == 0, err
     rows = [line for line in out.splitlines() if line.lstrip("│ ").split(" ")[0] in ("1", "2")]
-    assert len(rows) == 2 and all("yes" in row for row in rows)  # greedy outputs identical to transformers
+    # one row per batch size and implementation (eager, static, transformers): greedy outputs all identical
+    assert len(rows) == 6 and all("yes" in row for row in rows)
+    assert sum("gpt2lab static" in row for row in rows) == 2
     assert "--new-tokens" in error(capsys, *argv, "--repeats", 0)

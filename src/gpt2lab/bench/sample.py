@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
 from collections.abc import Callable
 
@@ -79,17 +80,21 @@ def bench_batch(model: GPT, hf_model, prompt: list[int], batch: int, new_tokens:
 
     runners = {f"gpt2lab {mode}": ours(mode) for mode in args.decode} | {"transformers": theirs}
     times: dict[str, list[float]] = {name: [] for name in runners}
+    peak: dict[str, float | None] = {}
     outputs = {}
     for i in range(args.warmup + args.repeats):
         for name, fn in runners.items():
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
             seconds, outputs[name] = _timed(fn, device)
+            peak[name] = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
             if i >= args.warmup:
                 times[name].append(seconds)
     lengths = {len(s) for name in outputs for s in outputs[name]}
     if lengths != {new_tokens}:
         raise RuntimeError(f"unequal generation lengths {lengths}, expected {new_tokens}")
     same = all(out == outputs["transformers"] for out in outputs.values()) if greedy else None
-    return {name: statistics.median(t) for name, t in times.items()} | {"same_tokens": same}
+    return {name: statistics.median(t) for name, t in times.items()} | {"same_tokens": same, "peak": peak}
 
 
 def _build_model(args) -> GPT:
@@ -103,7 +108,7 @@ def _build_model(args) -> GPT:
 
 
 def bench_sample(args: argparse.Namespace) -> int:
-    """Print a table: batch, gpt2lab tok/s, transformers tok/s, ratio."""
+    """Print one table: per batch size and implementation, tok/s, ms/step, ratio, MFU, peak memory."""
     from rich.console import Console
     from rich.table import Table
 
@@ -133,7 +138,7 @@ def bench_sample(args: argparse.Namespace) -> int:
     import transformers
 
     dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
-    console = Console()
+    console = Console(width=None if sys.stdout.isatty() else 160)  # no wrapping when piped or captured
     console.print(
         f"model {args.model or 'random gpt2 (124M)'}, {model.num_params(False) / 1e6:.0f}M params, "
         f"device {args.device}, {dtype}, {torch.get_num_threads()} threads, prompt {args.prompt_tokens} tokens, "
@@ -141,16 +146,23 @@ def bench_sample(args: argparse.Namespace) -> int:
         f"median of {args.repeats} after {args.warmup} warmup; torch {torch.__version__}, "
         f"transformers {transformers.__version__}"
     )
-    names = [f"gpt2lab {mode}" for mode in args.decode]
-    table = Table("batch", *(f"{n} tok/s" for n in names), "transformers tok/s", *(f"{n} ratio" for n in names),
+    from gpt2lab.train import peak_flops
+
+    peak_rate = peak_flops(args.device)
+    flops_per_token = 2 * model.num_params()  # a forward pass: one multiply-add per weight
+    table = Table("batch", "implementation", "tok/s", "ms/step", "vs transformers", "MFU", "peak memory",
                   "same tokens")  # fmt: skip
     for batch in args.batch_sizes:
         r = bench_batch(model, hf_model, prompt, batch, args.new_tokens, args)
-        rates = {name: batch * args.new_tokens / r[name] for name in [*names, "transformers"]}
         same = "-" if r["same_tokens"] is None else ("yes" if r["same_tokens"] else "no")
-        table.add_row(
-            str(batch), *(f"{rates[n]:,.1f}" for n in [*names, "transformers"]),
-            *(f"{rates[n] / rates['transformers']:.2f}x" for n in names), same,
-        )  # fmt: skip
+        theirs = batch * args.new_tokens / r["transformers"]
+        for name in [*(f"gpt2lab {mode}" for mode in args.decode), "transformers"]:
+            rate = batch * args.new_tokens / r[name]
+            mfu = f"{flops_per_token * rate / peak_rate:.2%}" if peak_rate else "n/a"
+            mem = f"{r['peak'][name]:.2f} GiB" if r["peak"][name] is not None else "n/a"
+            table.add_row(
+                str(batch), name, f"{rate:,.1f}", f"{1e3 * r[name] / args.new_tokens:.1f}",
+                f"{rate / theirs:.2f}x", mfu, mem, same,
+            )  # fmt: skip
     console.print(table)
     return 0
