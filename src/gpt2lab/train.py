@@ -14,11 +14,8 @@ NaN/inf never reaches the weights; a SIGTERM/SIGINT finishes the current step an
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import random
-import signal
 import subprocess
 import time
 from contextlib import nullcontext
@@ -36,6 +33,7 @@ from gpt2lab.errors import Gpt2LabError
 from gpt2lab.model import GPT, GPTConfig
 from gpt2lab.optim import lr_at, make_optimizer, set_lr
 from gpt2lab.perf import prepare_model, step_context
+from gpt2lab.runlog import MetricsLog, StopSignals
 
 if TYPE_CHECKING:
     import argparse
@@ -230,71 +228,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-class StopSignals:
-    """While active, SIGTERM/SIGINT only set ``requested``; the loop saves and exits after the step."""
-
-    def __init__(self) -> None:
-        self.requested = False
-        self._old: dict = {}
-
-    def _handle(self, signum, frame) -> None:
-        if self.requested:  # a second signal: stop now, without the save
-            self.__exit__()
-            raise KeyboardInterrupt
-        self.requested = True
-        note = f"\n{signal.Signals(signum).name}: finishing this step, then saving (signal again to stop at once)\n"
-        os.write(2, note.encode())  # not print: a buffered write inside a signal handler can fail re-entrantly
-
-    def __enter__(self) -> StopSignals:
-        try:
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                self._old[sig] = signal.signal(sig, self._handle)
-        except ValueError:  # not the main thread: leave the signals alone
-            pass
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for sig, old in self._old.items():
-            signal.signal(sig, old)
-        self._old = {}
-
-
-class MetricsLog:
-    """metrics.jsonl + TensorBoard on rank 0; a no-op on the other ranks."""
-
-    def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool, resume_step: int | None):
-        self.enabled = enabled
-        self.writer = None
-        if not enabled:
-            return
-        self.path = run_dir / "metrics.jsonl"
-        if resume_step is not None and self.path.exists():  # drop records from after the checkpoint
-            kept = [line for line in self.path.read_text().splitlines() if json.loads(line)["step"] <= resume_step]
-            self.path.write_text("".join(line + "\n" for line in kept))
-        self.file = self.path.open("a")
-        if tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.writer = SummaryWriter(
-                str(run_dir / "tb"), purge_step=None if resume_step is None else resume_step + 1
-            )
-
-    def log(self, step: int, **values: float) -> None:
-        if not self.enabled:
-            return
-        self.file.write(json.dumps({"step": step, **values}) + "\n")
-        self.file.flush()
-        if self.writer is not None:
-            for key, value in values.items():
-                self.writer.add_scalar(key, value, step)
-
-    def close(self) -> None:
-        if self.enabled:
-            self.file.close()
-            if self.writer is not None:
-                self.writer.close()
 
 
 @dataclass
