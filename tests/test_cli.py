@@ -153,3 +153,31 @@ def test_bench_sample_runs_and_agrees_with_transformers(capsys, checkpoint):
     assert len(rows) == 6 and all("yes" in row for row in rows)
     assert sum("gpt2lab static" in row for row in rows) == 2
     assert "--new-tokens" in error(capsys, *argv, "--repeats", 0)
+
+
+def test_hub_name_loads_from_the_hugging_face_cache_offline(capsys, monkeypatch, tmp_path):
+    """`--model gpt2` goes through huggingface_hub: here a cache laid out as the hub leaves it."""
+    transformers = pytest.importorskip("transformers")
+    import huggingface_hub.constants as hub_constants
+
+    from gpt2lab.loading import load_model
+
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / "models--gpt2"
+    snapshot = repo / "snapshots" / commit
+    torch.manual_seed(0)
+    hf_config = transformers.GPT2Config(n_layer=2, n_head=2, n_embd=32, n_positions=64, vocab_size=50257)
+    reference = transformers.GPT2LMHeadModel(hf_config).eval()
+    reference.save_pretrained(snapshot)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)
+
+    model = load_model("gpt2")
+    x = torch.randint(0, 50257, (2, 16))
+    with torch.no_grad():
+        torch.testing.assert_close(model(x)[0], reference(x).logits, rtol=1e-5, atol=1e-5)
+    code, out, err = run(capsys, "sample", "--model", "gpt2", "--prompt", "Hello", "--max-new-tokens", 5, "--seed", 1)
+    assert code == 0, err
+    assert out.startswith("Hello") and len(out) > len("Hello\n")
