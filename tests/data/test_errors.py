@@ -80,7 +80,7 @@ def test_missing_text_field(tmp_path, capsys):
 
     path = write_jsonl(tmp_path / "docs.jsonl", ["a", "b"], field="content")
     err = run_error(capsys, ["data", "prepare", "files", str(path), "--out", str(tmp_path / "o")])
-    assert f"{path}:1: no 'text' field" in err and "content" in err
+    assert f"{path}, line 1: no 'text' field" in err and "content" in err
     pq.write_table(pa.table({"body": ["a"]}), tmp_path / "docs.parquet")
     err = run_error(capsys, ["data", "prepare", "files", str(tmp_path / "docs.parquet"), "--out", str(tmp_path / "p")])
     assert "docs.parquet: no 'text' column (has: body)" in err

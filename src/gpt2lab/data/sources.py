@@ -95,7 +95,8 @@ def read_text(path: Path) -> str:
     return text.replace("\r\n", "\n").replace("\r", "\n")
 
 
-def _jsonl_texts(path: Path, text_field: str) -> Iterator[str]:
+def iter_jsonl(path: Path) -> Iterator[tuple[int, dict]]:
+    """(line number, object) of each non-blank line; a line that is not a JSON object is a clear error."""
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
@@ -103,13 +104,20 @@ def _jsonl_texts(path: Path, text_field: str) -> Iterator[str]:
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
-                raise Gpt2LabError(f"{path}:{lineno}: not valid JSON ({e.msg})") from e
-            if not isinstance(row, dict) or text_field not in row:
-                keys = ", ".join(row) if isinstance(row, dict) else type(row).__name__
-                raise Gpt2LabError(f"{path}:{lineno}: no '{text_field}' field (has: {keys}); set --text-field")
-            if not isinstance(row[text_field], str):
-                raise Gpt2LabError(f"{path}:{lineno}: field '{text_field}' is not a string")
-            yield row[text_field]
+                raise Gpt2LabError(f"{path}, line {lineno}: not valid JSON ({e.msg})") from None
+            if not isinstance(row, dict):
+                raise Gpt2LabError(f"{path}, line {lineno}: expected a JSON object, got {type(row).__name__}")
+            yield lineno, row
+
+
+def _jsonl_texts(path: Path, text_field: str) -> Iterator[str]:
+    for lineno, row in iter_jsonl(path):
+        if text_field not in row:
+            keys = ", ".join(row)
+            raise Gpt2LabError(f"{path}, line {lineno}: no '{text_field}' field (has: {keys}); set --text-field")
+        if not isinstance(row[text_field], str):
+            raise Gpt2LabError(f"{path}, line {lineno}: field '{text_field}' is not a string")
+        yield row[text_field]
 
 
 def _parquet_texts(path: Path, text_field: str) -> Iterator[str]:

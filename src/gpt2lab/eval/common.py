@@ -27,6 +27,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from gpt2lab.data.sources import iter_jsonl
 from gpt2lab.errors import Gpt2LabError
 from gpt2lab.model import GPT
 from gpt2lab.tokenizer import EOT_ID
@@ -172,18 +173,7 @@ def read_jsonl(path: str | Path) -> list[tuple[int, dict]]:
     path = Path(path)
     if not path.is_file():
         raise Gpt2LabError(f"{path}: no such file")
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise Gpt2LabError(f"{path}, line {lineno}: not valid JSON ({e.msg})") from None
-            if not isinstance(obj, dict):
-                raise Gpt2LabError(f"{path}, line {lineno}: expected a JSON object, got {type(obj).__name__}")
-            rows.append((lineno, obj))
+    rows = list(iter_jsonl(path))
     if not rows:
         raise Gpt2LabError(f"{path}: empty file, no examples")
     return rows
