@@ -194,6 +194,14 @@ def val_loss(model: GPT, loader, batches: int, autocast, world_size: int = 1) ->
 # ----------------------------------------------------------------------------- run set-up
 
 
+def precision(dtype: str, device_type: str) -> torch.dtype:
+    """The autocast dtype for train.dtype ("auto": bfloat16 on CUDA, float32 elsewhere); TF32 on CUDA."""
+    if device_type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True  # TF32 for any matmul left in float32
+        torch.backends.cudnn.allow_tf32 = True
+    return DTYPES.get(dtype, torch.bfloat16 if device_type == "cuda" else torch.float32)
+
+
 def grad_accum_steps(cfg: Config, world_size: int) -> int:
     """Micro-steps per optimizer step; an error when total_batch does not divide."""
     per_step = cfg.train.micro_batch * cfg.model.block_size * world_size
@@ -278,12 +286,7 @@ def setup(cfg: Config, run_dir: Path, info: DistInfo, resume: bool) -> Run:
             "or start afresh with --run-dir NEW_DIR"
         )
     device_type = torch.device(info.device).type
-    dtype = DTYPES.get(cfg.train.dtype, torch.bfloat16 if device_type == "cuda" else torch.float32)
-    if device_type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True  # TF32 for any matmul left in float32
-        torch.backends.cudnn.allow_tf32 = True
-
-    autocast = step_context(device_type, dtype)  # autocast + the chosen attention kernel
+    autocast = step_context(device_type, precision(cfg.train.dtype, device_type))
     seed_everything(cfg.train.seed)
     raw_model = GPT(cfg.model).to(info.device)
     optimizer = make_optimizer(raw_model, cfg.optim, device_type)

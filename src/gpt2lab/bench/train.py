@@ -46,13 +46,11 @@ def bench_variant(cfg, label: str, perf, steps: int, warmup: int, grad_accum: in
     from gpt2lab.model import GPT
     from gpt2lab.optim import lr_at, make_optimizer, set_lr
     from gpt2lab.perf import prepare_model, step_context
-    from gpt2lab.train import DTYPES, peak_flops, train_step
+    from gpt2lab.train import peak_flops, precision, train_step
 
     device_type = torch.device(device).type
-    dtype = DTYPES.get(cfg.train.dtype, torch.bfloat16 if device_type == "cuda" else torch.float32)
+    dtype = precision(cfg.train.dtype, device_type)
     if device_type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
         torch.cuda.reset_peak_memory_stats(device)
     torch.manual_seed(cfg.train.seed)
     raw = GPT(cfg.model).to(device)
