@@ -85,15 +85,15 @@ def test_compiled_training_never_recompiles_for_eval_or_sampling():
     raw = compiled[1]
     batches = RandomBatches(4, CFG.block_size, CFG.vocab_size, "cpu")
     context = step_context("cpu", torch.float32)
-    assert val_loss(raw, batches_with_reset(batches), 2, context) == pytest.approx(
-        val_loss(eager[1], batches_with_reset(batches), 2, context), abs=1e-6
+    assert val_loss(raw, ResettableBatches(batches), 2, context) == pytest.approx(
+        val_loss(eager[1], ResettableBatches(batches), 2, context), abs=1e-6
     )
     same = [generate_ids(m, [1, 2, 3], max_new_tokens=8, temperature=0) for m in (raw, eager[1])]
     assert same[0] == same[1]
     assert counter.frame_count == frames  # nothing was traced again
 
 
-class batches_with_reset(RandomBatches):
+class ResettableBatches(RandomBatches):
     def __init__(self, other: RandomBatches):
         self.x, self.y = other.x, other.y
 
