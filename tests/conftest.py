@@ -34,6 +34,53 @@ def _one_thread_and_no_leaked_torch_state():
     assert not leaked, "the test left torch's grad mode or thread count changed"
 
 
+# ----------------------------------------------------------------------------- float32 comparisons
+
+F32_EPS = 2.0**-23  # float32 machine epsilon: the relative size of one rounding
+# The default tolerance, in roundings of the magnitude compared. Forward values (logits, losses) of
+# two float32 code paths differ by up to ~4 of them here (AVX2, ATen's default kernels, MKL's SSE4.2
+# ones, 1 or 2 threads) and 0.35 on the Intel Xeon where a fixed 1e-5 failed: 32 leaves room for other CPUs.
+ULPS = 32
+
+
+def f32_error(actual, expected, *, scale: float | None = None, terms: int = 1) -> float:
+    """max |actual - expected| in units of float32 eps x scale x sqrt(terms); scale: max |expected| unless given."""
+    import torch
+
+    actual = torch.as_tensor(actual, dtype=torch.float64)
+    expected = torch.as_tensor(expected, dtype=torch.float64)
+    assert actual.shape == expected.shape, f"shape {tuple(actual.shape)} != expected {tuple(expected.shape)}"
+    scale = expected.abs().max().item() if scale is None else scale
+    err = (actual - expected).abs().max().item() if expected.numel() else 0.0
+    unit = F32_EPS * scale * terms**0.5
+    return 0.0 if err == 0 else err / unit if unit > 0 else float("inf")
+
+
+def assert_close_f32(
+    actual, expected, *, ulps: float = ULPS, scale: float | None = None, terms: int = 1, msg: str = ""
+) -> None:
+    """actual equals expected up to ``ulps`` float32 roundings of the magnitude compared.
+
+    Two float32 computations of one function round differently when they sum in another order:
+    another CPU's vector width or GEMM blocking, another thread count, another batch shape. The
+    difference scales with the magnitudes involved, so the tolerance is ulps x eps x scale:
+    scale is max |expected| by default (one scale per tensor, so values near zero get the
+    tensor's tolerance, not a relative one they could never meet); pass it where the values
+    compared come out of larger ones (a loss that is a difference of large logits). ``terms``:
+    how many values were summed into each one where the sum can cancel (a gradient over B*T
+    rows), whose rounding grows like sqrt(terms). assert_not_close_f32 shows in the tests that a
+    bug of the size they guard against exceeds the tolerance.
+    """
+    err = f32_error(actual, expected, scale=scale, terms=terms)
+    assert err <= ulps, f"{msg + ': ' if msg else ''}off by {err:.3g} roundings of the scale, more than {ulps}"
+
+
+def assert_not_close_f32(actual, expected, *, ulps: float = ULPS, scale: float | None = None, terms: int = 1) -> None:
+    """The same comparison fails on actual: a bug of this size would be caught (the test bites)."""
+    err = f32_error(actual, expected, scale=scale, terms=terms)
+    assert not err <= ulps, f"a bug-sized change moved the result by only {err:.3g} roundings (<= {ulps})"
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     if not (SHARED_DATA / "gpt2_tokenizer" / "vocab.bpe").is_file():

@@ -59,7 +59,7 @@ def test_loading_spec_forms(tmp_path):
     assert not model.training and model.lm_head.weight.dtype == torch.bfloat16
     assert find_latest(tmp_path / "nothing") is None
     (tmp_path / "empty_run" / "checkpoints").mkdir(parents=True)
-    with pytest.raises(Gpt2LabError, match="no complete checkpoint"):
+    with pytest.raises(Gpt2LabError, match="a run folder without a checkpoint yet"):
         resolve(str(tmp_path / "empty_run"))
 
 
@@ -108,3 +108,40 @@ def test_broken_checkpoints_are_clear_errors_naming_the_file(tmp_path):
         load_model(tmp_path)
     with pytest.raises(Gpt2LabError, match="no such checkpoint folder"):
         load_model(tmp_path / "missing")
+
+
+@pytest.fixture(params=[(0o022, 0o644, 0o755), (0o077, 0o600, 0o700)], ids=["umask022", "umask077"])
+def umask(request):
+    """(file mode, folder mode) that plain open() and mkdir() give under the umask set for the test."""
+    import os
+
+    mask, file_mode, dir_mode = request.param
+    old = os.umask(mask)
+    yield file_mode, dir_mode
+    os.umask(old)
+
+
+def _modes(folder) -> dict[str, int]:
+    """Permission bits of a folder and everything in it, by path relative to its parent."""
+    import stat
+
+    paths = [folder, *folder.rglob("*")]
+    return {str(p.relative_to(folder.parent)): stat.S_IMODE(p.stat().st_mode) for p in paths}
+
+
+def test_checkpoints_and_exports_keep_the_umask_permissions(tmp_path, umask, capsys):
+    """Others on a shared machine read what the umask lets them: no 0600 files or 0700 folders forced."""
+    from gpt2lab.checkpoint import rng_state, save_training_checkpoint
+    from gpt2lab.cli import main
+
+    file_mode, dir_mode = umask
+    model = tiny()
+    optimizer = torch.optim.AdamW(model.parameters())
+    step = save_training_checkpoint(tmp_path / "run", 1, model, optimizer, {"step": 1}, rng_state()[0])
+    plain = save_model(model, tmp_path / "plain")
+    assert main(["export", str(plain), str(tmp_path / "hf")]) == 0, capsys.readouterr().err
+    for folder in (step, plain, tmp_path / "hf"):
+        modes = _modes(folder)
+        assert len(modes) >= 3, modes  # the folder, its weights and its config at least
+        expected = {path: dir_mode if (folder.parent / path).is_dir() else file_mode for path in modes}
+        assert {p: oct(m) for p, m in modes.items()} == {p: oct(m) for p, m in expected.items()}

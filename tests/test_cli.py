@@ -81,7 +81,8 @@ def test_sample_empty_prompt_and_long_prompt(capsys, checkpoint):
     "args, message",
     [
         (["--num-samples", "0"], "--num-samples must be >= 1"),
-        (["--max-new-tokens", "-1"], "--max-new-tokens must be >= 0"),
+        (["--max-new-tokens", "-1"], "--max-new-tokens must be >= 1"),
+        (["--max-new-tokens", "0"], "--max-new-tokens must be >= 1 (got 0)"),
         (["--temperature", "-1"], "--temperature must be >= 0"),
         (["--top-k", "0"], "--top-k must be >= 1"),
         (["--top-p", "0"], "--top-p must be in (0, 1]"),
@@ -139,8 +140,8 @@ def test_no_tokenizer_files_offline(capsys, monkeypatch, tmp_path, checkpoint):
     err = error(capsys, "sample", "--model", checkpoint)
     assert "tokenizer files are not available offline" in err and "TIKTOKEN_CACHE_DIR" in err
     assert "no encoder.json" in error(capsys, "sample", "--model", checkpoint, "--tokenizer", tmp_path)
-    code, out, _ = run(capsys, "export", checkpoint, tmp_path / "hf")  # export still works, without them
-    assert code == 0 and "without tokenizer files" in out and "warning: tokenizer files not exported" in out
+    code, out, err = run(capsys, "export", checkpoint, tmp_path / "hf")  # export still works, without them
+    assert code == 0 and "without tokenizer files" in out and "warning: tokenizer files not exported" in err
 
 
 def test_bench_sample_runs_and_agrees_with_transformers(capsys, checkpoint):
@@ -152,6 +153,11 @@ def test_bench_sample_runs_and_agrees_with_transformers(capsys, checkpoint):
     # one row per batch size and implementation (eager, static, transformers): greedy outputs all identical
     assert len(rows) == 6 and all("yes" in row for row in rows)
     assert sum("gpt2lab static" in row for row in rows) == 2
+    # per batch: eager and static against transformers, static against eager, each with its interval
+    verdicts = [line for line in out.splitlines() if line.startswith("batch ") and "interval" in line]
+    assert len(verdicts) == 6 and "batch 2: gpt2lab static vs gpt2lab eager: " in out
+    progress = [line for line in err.splitlines() if line.startswith("batch ")]  # one per timed call, on stderr
+    assert len(progress) == 6 and "batch 2, transformers: run 1/1 (timed)" in err
     assert "--new-tokens" in error(capsys, *argv, "--repeats", 0)
 
 
@@ -177,7 +183,78 @@ def test_hub_name_loads_from_the_hugging_face_cache_offline(capsys, monkeypatch,
     model = load_model("gpt2")
     x = torch.randint(0, 50257, (2, 16))
     with torch.no_grad():
-        torch.testing.assert_close(model(x)[0], reference(x).logits, rtol=1e-5, atol=1e-5)
+        from tests.conftest import assert_close_f32
+
+        assert_close_f32(model(x)[0], reference(x).logits)
     code, out, err = run(capsys, "sample", "--model", "gpt2", "--prompt", "Hello", "--max-new-tokens", 5, "--seed", 1)
     assert code == 0, err
     assert out.startswith("Hello") and len(out) > len("Hello\n")
+
+
+def test_warnings_come_before_the_text_on_their_own_stderr_line(capsys, monkeypatch, checkpoint):
+    """On a terminal stdout and stderr share the screen: a warning must not land inside the sample."""
+    import io
+
+    argv = ["sample", "--model", checkpoint, "--prompt", "ROMEO:", "--max-new-tokens", 70, "--seed", 0]
+    code, out, err = run(capsys, *argv)  # 70 new tokens overflow the context of 64
+    assert code == 0 and out.startswith("ROMEO:") and "warning" not in out
+    assert err.startswith("warning: prompt + new tokens exceed the context of 64") and err.count("\n") == 1
+    screen = io.StringIO()  # both streams into one, in the order they are written
+    monkeypatch.setattr(sys, "stdout", screen)
+    monkeypatch.setattr(sys, "stderr", screen)
+    assert main([str(a) for a in argv]) == 0
+    assert screen.getvalue() == err + out
+
+
+def test_graph_decoding_on_cpu_fails_before_any_output(capsys, checkpoint):
+    argv = ["sample", "--model", checkpoint, "--prompt", "hi", "--decode", "graph", "--device", "cpu"]
+    code, out, err = run(capsys, *argv)
+    assert (code, out) == (2, "")  # not even the prompt
+    assert err == "error: CUDA-graph decoding needs a CUDA device (use --decode eager or static)\n"
+
+
+def test_version(capsys):
+    import gpt2lab
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0 and capsys.readouterr().out == f"gpt2lab {gpt2lab.__version__}\n"
+
+
+def test_help_shows_every_default():
+    """Each option of every subcommand has a help line, and it shows the default where there is one."""
+    import argparse
+
+    from gpt2lab.cli import build_parser
+
+    def parsers(parser, name):
+        yield name, parser
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for sub_name, sub in action.choices.items():
+                    yield from parsers(sub, f"{name} {sub_name}")
+
+    checked = 0
+    for name, parser in parsers(build_parser(), "gpt2lab"):
+        text = " ".join(parser.format_help().split())  # undo the line wrapping
+        for action in parser._actions:
+            if isinstance(action, (argparse._HelpAction, argparse._VersionAction, argparse._SubParsersAction)):
+                continue
+            assert action.help, f"{name} {action.dest}: no help text"
+            default = action.default
+            if default not in (None, False, "", []) and "default" not in action.help:
+                assert f"(default: {default})" in text, f"{name} --help does not show {action.dest}'s default"
+                checked += 1
+    assert checked > 30  # a real sweep over the commands' options
+
+
+@pytest.mark.parametrize("rank, printed", [("0", True), ("1", False), ("3", False)])
+def test_under_torchrun_only_rank_0_prints_the_error(capsys, monkeypatch, tmp_path, rank, printed):
+    """torchrun sets RANK in every process; they all meet the same error, and one line says it."""
+    monkeypatch.setenv("RANK", rank)
+    code, out, err = run(capsys, "sample", "--model", tmp_path / "nope")
+    assert code == 2 and out == ""  # every rank still fails
+    if printed:
+        assert err.startswith(f"error: {tmp_path / 'nope'}: no such folder") and err.count("\n") == 1
+    else:
+        assert err == ""

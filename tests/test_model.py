@@ -11,12 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from gpt2lab.model import GPT, GPTConfig, KVCache
-
-
-def assert_rel_close(actual: torch.Tensor, expected: torch.Tensor, tol: float = 1e-5) -> None:
-    err = (actual - expected).abs().max().item()
-    scale = expected.abs().max().item()
-    assert err <= tol * scale, f"max abs error {err:.3g} > {tol} x max |expected| {scale:.3g}"
+from tests.conftest import assert_close_f32
 
 
 def tiny(seed: int = 0, **overrides) -> GPT:
@@ -35,7 +30,7 @@ def test_kv_cache_one_token_at_a_time_equals_full_forward(batch):
         prefill, _ = model(idx[:, :7], kv_cache=cache)
         steps = [model(idx[:, t : t + 1], kv_cache=cache)[0] for t in range(7, 20)]
     assert cache.pos == 20
-    assert_rel_close(torch.cat([prefill, *steps], dim=1), full)
+    assert_close_f32(torch.cat([prefill, *steps], dim=1), full)
 
 
 def test_kv_cache_multi_token_chunk_after_prefix_equals_full_forward():
@@ -48,7 +43,7 @@ def test_kv_cache_multi_token_chunk_after_prefix_equals_full_forward():
         b, _ = model(idx[:, 5:9], kv_cache=cache)  # a 4-token chunk must see the prefix causally
         c, _ = model(idx[:, 9:10], kv_cache=cache)
         d, _ = model(idx[:, 10:], kv_cache=cache)
-    assert_rel_close(torch.cat([a, b, c, d], dim=1), full)
+    assert_close_f32(torch.cat([a, b, c, d], dim=1), full)
 
 
 def test_kv_cache_and_context_limits_are_enforced():
@@ -73,7 +68,7 @@ def test_padded_vocab_is_sliced_off_logits_and_loss():
     logits, loss = model(idx, targets)
     assert logits.shape == (2, 10, 300)
     expected = F.cross_entropy(logits.reshape(-1, 300), targets.reshape(-1))  # over the real vocabulary only
-    assert torch.allclose(loss, expected)
+    assert_close_f32(loss, expected)
 
 
 def test_targets_minus_one_are_ignored():
@@ -85,7 +80,7 @@ def test_targets_minus_one_are_ignored():
     logits, loss = model(idx, targets)
     keep = targets != -1
     expected = -torch.log_softmax(logits, -1)[keep].gather(-1, targets[keep].unsqueeze(-1)).mean()
-    assert torch.allclose(loss, expected, rtol=1e-6)
+    assert_close_f32(loss, expected)
 
 
 def test_weights_are_tied_and_initialised_like_gpt2():

@@ -1,6 +1,12 @@
 """The README's commands are the ones CI and users run."""
 
+import os
 import re
+import shlex
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
 
 from tests.conftest import REPO
 
@@ -20,3 +26,110 @@ def test_ci_runs_the_readme_test_command():
 def test_readme_setup_pins_the_cpu_torch_wheel():
     for name in ("main-command", "test-command"):
         assert "torch==2.13.0" in _section(name)
+
+
+# ----------------------------------------------------------------------------- every command, as written
+
+FENCE = re.compile(r"```bash\n(.*?)\n```", re.S)
+
+
+def readme_commands() -> list[str]:
+    """Every command of the README's bash blocks: continuations joined, comments dropped, `&&` chains split."""
+    commands = []
+    for block in FENCE.findall((REPO / "README.md").read_text()):
+        for line in block.replace("\\\n", " ").splitlines():
+            line = re.sub(r"\s+#\s.*$", "", line).strip()
+            if line and not line.startswith("#"):
+                commands += [part.strip() for part in line.split("&&")]
+    return commands
+
+
+def gpt2lab_argv(command: str) -> list[str] | None:
+    """The gpt2lab arguments of `gpt2lab ...`, `python -m gpt2lab ...` or `torchrun ... -m gpt2lab ...`."""
+    words = shlex.split(command)
+    if words[:1] == ["gpt2lab"]:
+        return words[1:]
+    for i in range(len(words) - 1):
+        if words[i : i + 2] == ["-m", "gpt2lab"]:
+            return words[i + 2 :]
+    return None
+
+
+def test_the_readme_has_gpt2lab_commands_to_check():
+    assert sum(gpt2lab_argv(c) is not None for c in readme_commands()) >= 30
+
+
+def test_every_readme_command_parses_and_its_config_loads():
+    """Each gpt2lab command of the README is accepted by the real parser; train's CONFIG + --set load."""
+    from gpt2lab.cli import build_parser
+    from gpt2lab.config import load_config
+
+    parser = build_parser()
+    for command in readme_commands():
+        argv = gpt2lab_argv(command)
+        if argv is None or "--help" in argv or "--version" in argv:
+            continue
+        try:
+            args = parser.parse_args(argv)
+        except SystemExit:
+            raise AssertionError(f"README command rejected by the parser: {command}") from None
+        if args.command == "train" and args.config:
+            load_config(REPO / args.config, args.set)  # an unknown --set key or a bad value raises here
+        if args.command == "bench" and getattr(args, "config", None):
+            load_config(REPO / args.config, getattr(args, "set", None) or [])
+
+
+def _kept_steps(preset: Path) -> set[int]:
+    """The checkpoint steps a finished run of this preset still holds."""
+    train = tomllib.loads(preset.read_text())["train"]
+    max_steps, every, keep = train["max_steps"], train.get("save_every", 1000), train.get("keep_checkpoints", 3)
+    saved = sorted({s for s in range(every, max_steps + 1, every)} | {max_steps}) if every else [max_steps]
+    return set(saved[-keep:] if keep else saved)
+
+
+def test_readme_checkpoint_paths_are_ones_the_preset_keeps():
+    text = (REPO / "README.md").read_text()
+    paths = re.findall(r"runs/([\w-]+)/checkpoints/step_(\d+)", text)
+    assert paths, "the README names no checkpoint folder (update this test if that is intended)"
+    for name, step in paths:
+        preset = REPO / "configs" / f"{name}.toml"
+        assert preset.is_file(), f"README names runs/{name}/ but configs/{name}.toml does not exist"
+        assert int(step) in _kept_steps(preset), f"runs/{name}/checkpoints/step_{step} is not kept by {preset.name}"
+
+
+def test_readme_config_files_exist():
+    for path in set(re.findall(r"configs/[\w.-]+\.toml", (REPO / "README.md").read_text())):
+        assert (REPO / path).is_file(), f"README names {path}, which does not exist"
+
+
+# The commands cheap enough to run as written on every CI run, in README order (each after the ones above it).
+CHEAP = (
+    "gpt2lab data prepare shakespeare --out data/shakespeare",
+    "gpt2lab data info data/shakespeare",
+    'python -c "from gpt2lab.model import GPT, GPTConfig; from gpt2lab.checkpoint import save_model;',
+    "gpt2lab sample --model runs/random-gpt2 ",
+    "gpt2lab export runs/random-gpt2 runs/random-gpt2-hf",
+    'python -c "from transformers import GPT2LMHeadModel',
+)
+
+
+def test_cheap_readme_commands_run_as_written(tmp_path, shared_data):
+    """The set-up-free commands of the README run in a fresh folder, in order, and exit 0."""
+    chosen = [c for c in readme_commands() if c.startswith(CHEAP)]
+    assert len({next(p for p in CHEAP if c.startswith(p)) for c in chosen}) == len(CHEAP), (
+        "a cheap command left the README"
+    )
+    env = {**os.environ, "GPT2LAB_MIRROR": str(shared_data), "OMP_NUM_THREADS": "1"}
+    python_api = re.search(r"### Python API\s*```python\n(.*?)\n```", (REPO / "README.md").read_text(), re.S)
+    assert python_api, "README has no Python API snippet"
+    done = set()
+    for command in chosen:
+        if command in done:  # e.g. `data prepare shakespeare` appears in several sections
+            continue
+        done.add(command)
+        out = subprocess.run(command, shell=True, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+        assert out.returncode == 0, f"README command failed: {command}\n{out.stderr[-2000:]}"
+        if command.startswith("gpt2lab export"):  # the Python API snippet uses the model saved above it
+            api = subprocess.run([sys.executable, "-c", python_api.group(1)], cwd=tmp_path, env=env,
+                                 capture_output=True, text=True, timeout=600)  # fmt: skip
+            assert api.returncode == 0, f"README Python API snippet failed:\n{api.stderr[-2000:]}"

@@ -77,3 +77,12 @@ def test_bad_tokenizer_folders_are_clear_errors(tmp_path, shared_data):
     (tmp_path / "vocab.bpe").write_text("#version: 0.2\nnot the real merges\n")
     with pytest.raises(Gpt2LabError, match="not OpenAI's GPT-2 files"):
         get_tokenizer(tmp_path)
+
+
+def test_offline_error_names_the_mirror_it_looked_in(monkeypatch, tmp_path):
+    monkeypatch.setenv("GPT2LAB_MIRROR", str(tmp_path))  # a mirror folder without gpt2_tokenizer/
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(tokmod, "_online", lambda *a, **k: False)
+    with pytest.raises(Gpt2LabError, match="not available offline") as e:
+        get_tokenizer()
+    assert f"{tmp_path / 'gpt2_tokenizer'} does not exist" in str(e.value)

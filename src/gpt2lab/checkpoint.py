@@ -9,6 +9,7 @@ safetensors, so loading never unpickles anything. The tied LM head is stored onc
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -38,6 +39,34 @@ def read_json(path: Path) -> dict:
     return data
 
 
+def umask() -> int:
+    """This process's umask, read without changing it where Linux shows it (no race with other threads)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)  # elsewhere: the classic read-by-setting, restored at once
+    os.umask(mask)
+    return mask
+
+
+def save_tensors(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict | None = None) -> None:
+    """safetensors' save_file, leaving the file readable as the umask allows (it writes 0600 otherwise)."""
+    save_file(tensors, str(path), metadata=metadata)
+    os.chmod(path, 0o666 & ~umask())
+
+
+def make_temp_dir(prefix: str, parent: Path) -> Path:
+    """A new uniquely named folder in parent with the umask's permissions (mkdtemp's are 0700)."""
+    import tempfile
+
+    folder = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+    os.chmod(folder, 0o777 & ~umask())  # it becomes the checkpoint, which others on the machine may read
+    return folder
+
+
 def is_checkpoint(folder: str | Path) -> bool:
     """True if the folder's config.json says it is a gpt2lab checkpoint."""
     path = Path(folder) / CONFIG_NAME
@@ -54,7 +83,7 @@ def save_model(model: GPT, folder: str | Path, extra: dict | None = None) -> Pat
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items() if k not in TIED_KEYS}
-    save_file(state, str(folder / WEIGHTS_NAME), metadata={"format": "pt"})
+    save_tensors(state, folder / WEIGHTS_NAME, metadata={"format": "pt"})
     config = {"format": FORMAT, "format_version": FORMAT_VERSION, "model": model.config.to_dict(), **(extra or {})}
     (folder / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
     return folder
@@ -199,17 +228,16 @@ def save_training_checkpoint(
     config.json is written last, and the folder only gets its step_ name once everything is on
     disk, so a crash during a save leaves the previous checkpoints as they were.
     """
-    import os
     import shutil
     import tempfile
 
     root = Path(run_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step_{step:07d}"
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp_step_{step:07d}_", dir=root))
+    tmp = make_temp_dir(f".tmp_step_{step:07d}_", root)
     try:
         torch.save(optimizer.state_dict(), tmp / OPTIMIZER_NAME)
-        save_file({k: v.contiguous() for k, v in rng_tensors.items()}, str(tmp / RNG_NAME))
+        save_tensors({k: v.contiguous() for k, v in rng_tensors.items()}, tmp / RNG_NAME)
         save_model(model, tmp, extra={TRAIN_STATE_KEY: state})
         if final.exists():  # the same step saved twice: move the old one aside first
             os.rename(final, Path(tempfile.mkdtemp(prefix=".old_", dir=root)) / final.name)

@@ -8,9 +8,13 @@ one line on stderr and exit code 2.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
+from gpt2lab import __version__
 from gpt2lab.errors import Gpt2LabError
+
+DTYPES = ["float32", "bfloat16", "float16"]  # --dtype's choices (gpt2lab.loading.DTYPES, without importing torch)
 
 # ----------------------------------------------------------------------------- sample / export
 
@@ -19,14 +23,14 @@ def add_sample(sub) -> None:
     p = sub.add_parser("sample", help="generate text from a model, streaming tokens as they come")
     p.add_argument("--model", default="gpt2", help="gpt2[-medium|-large|-xl], a Hugging Face folder, or a checkpoint")
     p.add_argument("--prompt", default="", help="text to continue (empty: start from <|endoftext|>)")
-    p.add_argument("--num-samples", type=int, default=1)
-    p.add_argument("--max-new-tokens", type=int, default=100)
+    p.add_argument("--num-samples", type=int, default=1, help="samples drawn from the same prompt")
+    p.add_argument("--max-new-tokens", type=int, default=100, help="tokens to generate per sample (>= 1)")
     p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
-    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-k", type=int, default=None, help="sample only from the k most likely tokens")
     p.add_argument("--top-p", type=float, default=None, help="nucleus sampling threshold in (0, 1]")
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--seed", type=int, default=None, help="the same seed gives the same samples (default: random)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps (default: best available)")
-    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--dtype", default=None, choices=DTYPES, help="weights' dtype (default: as stored)")
     p.add_argument("--tokenizer", default=None, help="folder with encoder.json and vocab.bpe")
     p.add_argument(
         "--decode", default="eager", choices=["eager", "static", "graph"],
@@ -44,15 +48,16 @@ def run_sample(args: argparse.Namespace) -> int:
 def add_export(sub) -> None:
     p = sub.add_parser("export", help="write a checkpoint as a Hugging Face GPT-2 folder")
     p.add_argument("checkpoint", help="a gpt2lab checkpoint or run folder (or any --model spec)")
-    p.add_argument("out_dir")
+    p.add_argument("out_dir", help="the Hugging Face folder to write")
     p.add_argument("--tokenizer", default=None, help="folder with encoder.json and vocab.bpe to copy")
     p.set_defaults(func=run_export)
 
 
 def run_export(args: argparse.Namespace) -> int:
     from gpt2lab.hf import export_command
+    from gpt2lab.loading import load_model
 
-    return export_command(args)
+    return export_command(args, load_model(args.checkpoint))
 
 
 # ----------------------------------------------------------------------------- data (issue: data)
@@ -62,14 +67,17 @@ def add_data(sub) -> None:
     p = sub.add_parser("data", help="tokenize a text source into shards; describe a prepared dataset")
     dsub = p.add_subparsers(dest="data", required=True)
     prep = dsub.add_parser("prepare", help="tokenize a source into llm.c-format shards plus manifest.json")
-    prep.add_argument("source", choices=["shakespeare", "fineweb-edu", "files", "gutenberg"])
+    prep.add_argument("source", choices=["shakespeare", "fineweb-edu", "files", "gutenberg"], help="what to tokenize")
     prep.add_argument("paths", nargs="*", help="files: glob patterns ('corpus/*.jsonl'); gutenberg: a folder of books")
     prep.add_argument("--out", default=None, help="dataset folder to write (default: data/SOURCE)")
     prep.add_argument("--mirror", default=None, help="offline data folder laid out like ../shared/data")
     prep.add_argument("--workers", type=int, default=None, help="tokenizer processes (default: all cores)")
     prep.add_argument("--shard-size", type=int, default=None, help="tokens per shard (fineweb-edu 100M, else 10M)")
     prep.add_argument("--max-tokens", type=int, default=None, help="stop after this many tokens")
-    prep.add_argument("--val-tokens", type=int, default=None, help="fineweb-edu/files: val size (whole documents)")
+    prep.add_argument(
+        "--val-tokens", type=int, default=None,
+        help="val size in tokens, whole documents (default: files min(1M, ~10%%), fineweb-edu one shard)",
+    )  # fmt: skip
     prep.add_argument("--text-field", default="text", help=".jsonl/.parquet field holding the text")
     prep.add_argument("--blank-line-docs", action="store_true", help=".txt: a document per blank-line block")
     prep.add_argument("--val-books", type=int, default=4, help="gutenberg: books held out as val")
@@ -114,7 +122,7 @@ def add_train(sub) -> None:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from gpt2lab.train import train_command
+    from gpt2lab.launch import train_command
 
     return train_command(args)
 
@@ -140,7 +148,7 @@ def _eval_common(p: argparse.ArgumentParser, task: str) -> None:
     p.add_argument("--batch-size", type=int, default=8, help="examples (HellaSwag: 4 rows each) or windows per forward")
     p.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps (default: best available)")
-    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="weights' dtype")
+    p.add_argument("--dtype", default=None, choices=DTYPES, help="weights' dtype (default: as stored)")
     p.add_argument("--tokenizer", default=None, help="folder with encoder.json and vocab.bpe")
     p.set_defaults(func=run_eval, task=task)
 
@@ -153,13 +161,13 @@ def _eval_loss_args(p: argparse.ArgumentParser, required: bool) -> None:
         metavar="DIR",
         help="a prepared dataset folder (from `gpt2lab data prepare`)" + ("" if required else " for loss"),
     )
-    p.add_argument("--split", default="val")
+    p.add_argument("--split", default="val", help="the split to score: train or val")
     p.add_argument("--seq-len", type=int, default=None, help="window length (default: the model's block size)")
     p.add_argument("--max-batches", type=int, default=None, help="score only the first N batches per rank")
 
 
 def _eval_wikitext_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--stride", type=int, default=512, help="sliding-window step in tokens (default 512)")
+    p.add_argument("--stride", type=int, default=512, help="sliding-window step in tokens (at most the window)")
     p.add_argument("--context", type=int, default=None, help="window length (default: the model's block size)")
 
 
@@ -186,9 +194,9 @@ def add_eval(sub) -> None:
     _eval_loss_args(a, required=False)
     a.add_argument("--limit", type=int, default=None, help="first N HellaSwag examples and LAMBADA passages")
     a.add_argument("--limit-lines", type=int, default=None, help="first N lines of WikiText-2")
-    a.add_argument("--hellaswag-data", default=None, metavar="FILE")
-    a.add_argument("--wikitext2-data", default=None, metavar="FILE")
-    a.add_argument("--lambada-data", default=None, metavar="FILE")
+    a.add_argument("--hellaswag-data", default=None, metavar="FILE", help="a HellaSwag jsonl (default: as hellaswag)")
+    a.add_argument("--wikitext2-data", default=None, metavar="FILE", help="wiki.test.tokens (default: the mirror's)")
+    a.add_argument("--lambada-data", default=None, metavar="FILE", help="lambada_test.jsonl (default: the mirror's)")
     _eval_wikitext_args(a)
     _eval_common(a, "all")
 
@@ -205,15 +213,15 @@ def run_eval(args: argparse.Namespace) -> int:
 def add_bench_sample(bsub) -> None:
     p = bsub.add_parser("sample", help="decoding tokens/s: gpt2lab's KV cache vs transformers' generate")
     p.add_argument("--model", default=None, help="any --model spec (default: random GPT-2 124M, no download)")
-    p.add_argument("--new-tokens", type=int, default=100)
-    p.add_argument("--prompt-tokens", type=int, default=16)
-    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default; outputs compared)")
-    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--new-tokens", type=int, default=100, help="tokens generated per sample")
+    p.add_argument("--prompt-tokens", type=int, default=16, help="length of the (random) prompt")
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8], help="samples per call; one row each")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (outputs compared)")
+    p.add_argument("--top-k", type=int, default=None, help="sample only from the k most likely tokens")
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: best available)")
-    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--dtype", default=None, choices=DTYPES, help="weights' dtype (default: as stored)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed runs of each implementation first")
+    p.add_argument("--repeats", type=int, default=3, help="timed runs of each (the median is reported)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
     p.add_argument("--decode", nargs="+", default=["eager"], choices=["eager", "static", "graph"],
                    help="gpt2lab decoding modes to time (see gpt2lab sample --decode)")  # fmt: skip
@@ -231,8 +239,8 @@ def add_bench_data(bsub) -> None:
     p = bsub.add_parser("data", help="tokenization throughput (1 worker vs all cores) and loader batches/s")
     p.add_argument("--mb", type=float, default=64.0, help="MB of text to tokenize (Tiny Shakespeare repeated)")
     p.add_argument("--workers", type=int, default=None, help="parallel workers to compare with 1 (default: all cores)")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--seq-len", type=int, default=1024)
+    p.add_argument("--batch-size", type=int, default=64, help="loader rows per batch")
+    p.add_argument("--seq-len", type=int, default=1024, help="loader tokens per row")
     p.add_argument("--batches", type=int, default=500, help="loader batches to time")
     p.add_argument("--mirror", default=None, help="offline data folder laid out like ../shared/data")
     p.set_defaults(func=run_bench_data)
@@ -290,8 +298,27 @@ def add_bench(sub) -> None:
 SUBCOMMANDS = [add_sample, add_export, add_data, add_train, add_plot, add_eval, add_bench]
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each option's default in --help, except where there is none to show or the help says it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        nothing = action.default is None or action.default is False or action.default in ("", [])
+        if nothing or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
+class Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose subparsers (built with the parser's own class) all show defaults."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="gpt2lab", description="Reproduce GPT-2 from scratch, then go past it.")
+    parser = Parser(prog="gpt2lab", description="Reproduce GPT-2 from scratch, then go past it.")
+    parser.add_argument("--version", action="version", version=f"gpt2lab {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     for add in SUBCOMMANDS:
         add(sub)
@@ -300,11 +327,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # under torchrun every rank meets the same error: rank 0 alone says so (all exit with the code)
+    speak = int(os.environ.get("RANK", "0")) == 0
     try:
         return args.func(args) or 0
     except Gpt2LabError as e:
-        print(f"error: {e}", file=sys.stderr)
+        if speak:
+            print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        if speak:
+            print("interrupted", file=sys.stderr)
         return 130

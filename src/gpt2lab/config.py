@@ -2,7 +2,9 @@
 
 Each section's dataclass lives beside the code it configures ([model] -> ``GPTConfig``,
 [data] -> ``DataConfig``, [optim] -> ``OptimConfig``, [train]/[eval]/[log] -> ``train.py``, [perf] -> ``perf.py``);
-this module only composes them. Precedence: ``--set section.key=value`` > the TOML file >
+this module only composes them, and imports flow one way: config -> train, never back (``train.train``
+takes the composed Config as an argument; ``gpt2lab.launch`` is the CLI glue that builds one).
+Precedence: ``--set section.key=value`` > the TOML file >
 the dataclass defaults. Files hold plain values only (TOML, read with ``tomllib``), never
 code. Every problem (unknown key, wrong type, impossible combination) is one
 ``Gpt2LabError`` raised before any work starts; an unknown key comes with the closest match.
@@ -26,6 +28,7 @@ from gpt2lab.errors import Gpt2LabError
 from gpt2lab.model import GPTConfig
 from gpt2lab.optim import OptimConfig
 from gpt2lab.perf import PerfConfig
+from gpt2lab.reference import ReferenceConfig
 from gpt2lab.train import EvalConfig, LogConfig, TrainConfig
 
 # Optional fields (``X | None``) take this word for None: "derive it from other settings".
@@ -44,9 +47,14 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     log: LogConfig = field(default_factory=LogConfig)
     perf: PerfConfig = field(default_factory=PerfConfig)
+    reference: ReferenceConfig = field(default_factory=ReferenceConfig)  # figures measured with the preset
 
     def to_dict(self) -> dict[str, dict]:
         return {f.name: dataclasses.asdict(getattr(self, f.name)) for f in dataclasses.fields(self)}
+
+    def to_toml(self) -> str:
+        """The resolved config as TOML (what gpt2lab.train writes to RUN_DIR/config.toml)."""
+        return to_toml(self)
 
 
 SECTIONS: dict[str, type] = {f.name: f.default_factory for f in dataclasses.fields(Config)}
@@ -211,6 +219,8 @@ def _toml_value(value: object) -> str:
         return "true" if value else "false"
     if isinstance(value, str):
         return json.dumps(value)  # a TOML basic string uses the same escapes
+    if isinstance(value, dict):  # an inline table, e.g. reference.val_loss = { "100" = 6.1 }
+        return "{ " + ", ".join(f"{json.dumps(str(k))} = {_toml_value(v)}" for k, v in value.items()) + " }"
     return repr(value)
 
 

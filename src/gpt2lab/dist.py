@@ -1,7 +1,7 @@
 """The distributed context: one helper tells every module who and where it is.
 
 Under torchrun (RANK/WORLD_SIZE/LOCAL_RANK set) it starts the process group, NCCL on
-GPUs and gloo on CPU; without torchrun it is one process of rank 0.
+GPUs that have it and gloo elsewhere; without torchrun it is one process of rank 0.
 """
 
 from __future__ import annotations
@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
+from gpt2lab.hardware import dist_backend, resolve_device
 
 
 @dataclass(frozen=True)
@@ -30,12 +32,8 @@ class DistInfo:
 
 
 def default_device() -> str:
-    """cuda if present, then mps, else cpu."""
-    if torch.cuda.is_available():
-        return "cuda"
-    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-        return "mps"
-    return "cpu"
+    """cuda if present, then mps, else cpu (gpt2lab.hardware decides)."""
+    return resolve_device("auto")
 
 
 def init_distributed(device: str | None = None) -> DistInfo:
@@ -49,7 +47,7 @@ def init_distributed(device: str | None = None) -> DistInfo:
         device = f"cuda:{local_rank}"
         torch.cuda.set_device(device)
     if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
+        dist.init_process_group(backend=dist_backend(device))  # NCCL where present, else gloo
     return DistInfo(rank, local_rank, world_size, device)
 
 

@@ -136,7 +136,6 @@ def _last_logits(model: GPT, idx: torch.Tensor, cache: KVCache, head: torch.Tens
     return hidden @ head  # (B, V)
 
 
-@torch.inference_mode()
 def generate(
     model: GPT,
     prompt_ids: Sequence[int],
@@ -149,7 +148,7 @@ def generate(
     eos_id: int | None = EOT_ID,
     decode: str = "eager",
 ) -> Iterator[list[int | None]]:
-    """Yield, at each step, the new token of every sample (None once a sample has ended).
+    """An iterator that yields, at each step, the new token of every sample (None once a sample has ended).
 
     All samples continue the same prompt. A sample ends after yielding ``eos_id``
     (<|endoftext|>; None disables stopping); the loop ends when every sample has.
@@ -162,15 +161,41 @@ def generate(
     (dynamic KV cache), "static" (static KV cache), "graph" (static cache, the step replayed
     as a CUDA graph: no per-kernel launch cost; CUDA only).
     """
+    # Checks and warnings happen here, at the call, not at the first next(): a caller that prints
+    # the prompt and then iterates gets them before any text, never in the middle of it.
     check_sampling_args(num_samples, max_new_tokens, temperature, top_k, top_p)
+    check_decode(decode, next(model.parameters()).device)
+    ids, notes = fit_context(prompt_ids, model.config.block_size, max_new_tokens, eos_id)
+    for note in notes:
+        warnings.warn(note, stacklevel=2)
+    return _decode(model, ids, num_samples, max_new_tokens, temperature, top_k, top_p, seed, eos_id, decode)
+
+
+def check_decode(decode: str, device: str | torch.device) -> None:
+    """Raise Gpt2LabError if the decoding mode is unknown or cannot run on device."""
     if decode not in DECODE_MODES:
         raise Gpt2LabError(f"decode must be one of {', '.join(DECODE_MODES)} (got {decode!r})")
-    block_size = model.config.block_size
-    ids, notes = fit_context(prompt_ids, block_size, max_new_tokens, eos_id)
-    for note in notes:
-        warnings.warn(note, stacklevel=3)
+    if decode == "graph" and torch.device(device).type != "cuda":
+        raise Gpt2LabError("CUDA-graph decoding needs a CUDA device (use --decode eager or static)")
+
+
+@torch.inference_mode()
+def _decode(
+    model: GPT,
+    ids: list[int],
+    num_samples: int,
+    max_new_tokens: int,
+    temperature: float,
+    top_k: int | None,
+    top_p: float | None,
+    seed: int | None,
+    eos_id: int | None,
+    decode: str,
+) -> Iterator[list[int | None]]:
+    """The decoding loop of ``generate``, for a prompt that already fits the context."""
     if max_new_tokens == 0:
         return
+    block_size = model.config.block_size
     param = next(model.parameters())
     generator = torch.Generator(device=param.device)
     if seed is None:
@@ -364,37 +389,45 @@ def _check_device(device: str) -> str:
 
 
 def sample_command(args: argparse.Namespace) -> int:
-    """`gpt2lab sample`: load a model and tokenizer, then stream samples to stdout."""
+    """`gpt2lab sample`: load a model and tokenizer, then stream samples to stdout.
+
+    Every check and warning comes before the first character of text, each on its own stderr
+    line, so stdout holds the text alone and a warning never lands in the middle of it.
+    """
     from gpt2lab.dist import default_device
     from gpt2lab.loading import load_model
     from gpt2lab.tokenizer import get_tokenizer
 
+    if args.max_new_tokens < 1:  # 0 would print the prompt and nothing else, which nobody asks for
+        raise Gpt2LabError(f"--max-new-tokens must be >= 1 (got {args.max_new_tokens})")
     check_sampling_args(args.num_samples, args.max_new_tokens, args.temperature, args.top_k, args.top_p)
     device = _check_device(args.device or default_device())
+    check_decode(args.decode, device)
     tokenizer = get_tokenizer(args.tokenizer)
     model = load_model(args.model, device, args.dtype)
     prompt_ids = tokenizer.encode(args.prompt)
     ids, _ = fit_context(prompt_ids, model.config.block_size, args.max_new_tokens)  # generate warns
     prompt = args.prompt if len(ids) >= len(prompt_ids) else tokenizer.decode(ids)  # what the model sees
-    steps = generate(
-        model,
-        prompt_ids,
-        num_samples=args.num_samples,
-        max_new_tokens=args.max_new_tokens,
-        temperature=args.temperature,
-        top_k=args.top_k,
-        top_p=args.top_p,
-        seed=args.seed,
-        eos_id=tokenizer.eot,
-        decode=args.decode,
-    )
-    streams = [TextStream(tokenizer, tokenizer.eot) for _ in range(args.num_samples)]
     with warnings.catch_warnings():  # generate's warnings (context cropping) as one plain line each
-        warnings.showwarning = lambda message, *_, **__: print(f"warning: {message}", file=sys.stderr)
-        if args.num_samples == 1:
-            _print_single(steps, prompt, streams[0])
-        elif sys.stdout.isatty():
-            _print_live(steps, prompt, streams)
-        else:
-            _print_blocks(steps, prompt, streams)
+        warnings.simplefilter("always")
+        warnings.showwarning = lambda message, *_, **__: print(f"warning: {message}", file=sys.stderr, flush=True)
+        steps = generate(
+            model,
+            prompt_ids,
+            num_samples=args.num_samples,
+            max_new_tokens=args.max_new_tokens,
+            temperature=args.temperature,
+            top_k=args.top_k,
+            top_p=args.top_p,
+            seed=args.seed,
+            eos_id=tokenizer.eot,
+            decode=args.decode,
+        )
+    streams = [TextStream(tokenizer, tokenizer.eot) for _ in range(args.num_samples)]
+    if args.num_samples == 1:
+        _print_single(steps, prompt, streams[0])
+    elif sys.stdout.isatty():
+        _print_live(steps, prompt, streams)
+    else:
+        _print_blocks(steps, prompt, streams)
     return 0

@@ -11,12 +11,12 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
-from gpt2lab.checkpoint import check_and_load, empty_model, load_state_dict, read_json
+from gpt2lab.checkpoint import check_and_load, empty_model, load_state_dict, read_json, save_tensors
 from gpt2lab.errors import Gpt2LabError
 from gpt2lab.model import GPT, PRESETS, GPTConfig
 
@@ -160,7 +160,7 @@ def export_hf(model: GPT, out_dir: str | Path, tokenizer_files: tuple[Path, Path
     out_dir.mkdir(parents=True, exist_ok=True)
     config = config_to_hf(model.config)
     config["torch_dtype"] = str(next(model.parameters()).dtype).removeprefix("torch.")
-    save_file(to_hf_state_dict(model), str(out_dir / "model.safetensors"), metadata={"format": "pt"})
+    save_tensors(to_hf_state_dict(model), out_dir / "model.safetensors", metadata={"format": "pt"})
     (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     if tokenizer_files is not None:
         encoder, vocab = tokenizer_files
@@ -172,18 +172,16 @@ def export_hf(model: GPT, out_dir: str | Path, tokenizer_files: tuple[Path, Path
     return out_dir
 
 
-def export_command(args: argparse.Namespace) -> int:
-    """`gpt2lab export CHECKPOINT OUT_DIR`."""
-    from gpt2lab.loading import load_model
+def export_command(args: argparse.Namespace, model: GPT) -> int:
+    """`gpt2lab export CHECKPOINT OUT_DIR`, given the loaded model (the CLI loads it: hf.py never imports loading)."""
     from gpt2lab.tokenizer import get_tokenizer
 
-    model = load_model(args.checkpoint)
     try:
         files = get_tokenizer(args.tokenizer).files
     except Gpt2LabError as e:
         if args.tokenizer:
             raise
-        print(f"warning: tokenizer files not exported ({e})")
+        print(f"warning: tokenizer files not exported ({e})", file=sys.stderr)
         files = None
     out = export_hf(model, args.out_dir, files)
     note = "with tokenizer files" if files else "without tokenizer files"

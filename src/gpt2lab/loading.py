@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shlex
 from pathlib import Path
 
 import torch
@@ -13,6 +14,23 @@ from gpt2lab.hf import HUB_NAMES, download, load_hf_folder
 from gpt2lab.model import GPT
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+RUN_FILES = ("checkpoints", "config.toml", "metrics.jsonl")  # what `gpt2lab train` writes into a run folder
+
+
+def is_run_folder(path: Path) -> bool:
+    """True if `gpt2lab train` has written into this folder (whether or not it holds a checkpoint)."""
+    return any((path / name).exists() for name in RUN_FILES)
+
+
+def no_checkpoint_yet(run_dir: Path) -> str:
+    """The message for a run folder that stopped before its first save: how to restart it, or clear it."""
+    config = run_dir / "config.toml"  # the run's own settings, written when it started
+    config = shlex.quote(str(config)) if config.is_file() else "CONFIG"
+    restart = f"gpt2lab train {config} --run-dir {shlex.quote(str(run_dir))}"
+    return (
+        f"{run_dir}: a run folder without a checkpoint yet (the run stopped before its first save), "
+        f"so there is nothing to load or resume; restart it with `{restart}`, or remove the folder"
+    )
 
 
 def resolve(spec: str) -> tuple[str, Path]:
@@ -21,13 +39,13 @@ def resolve(spec: str) -> tuple[str, Path]:
     if path.is_dir():
         if is_checkpoint(path):
             return "checkpoint", path
-        if (path / "checkpoints").is_dir():
-            latest = find_latest(path)
-            if latest is None:
-                raise Gpt2LabError(f"{path}: run folder holds no complete checkpoint yet")
+        latest = find_latest(path)
+        if latest is not None:
             return "checkpoint", latest
         if (path / "config.json").is_file():
             return "hf", path
+        if is_run_folder(path):
+            raise Gpt2LabError(no_checkpoint_yet(path))
         raise Gpt2LabError(f"{path}: not a gpt2lab checkpoint, run folder or Hugging Face folder (no config.json)")
     if path.exists():
         raise Gpt2LabError(f"{path}: is a file; --model takes a folder or a GPT-2 name")

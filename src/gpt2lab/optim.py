@@ -3,7 +3,7 @@
 AdamW with two parameter groups (as in GPT-3 / nanoGPT): weight decay on every tensor of
 two or more dimensions (the matmul weights and the embeddings), none on biases and
 LayerNorm gains. The schedule is a linear warmup to ``lr`` followed by a cosine decay to
-``lr * min_lr_ratio``, then flat. The fused CUDA kernel is used on GPUs.
+``lr * min_lr_ratio``, then flat. The fused kernel is used where ``gpt2lab.hardware`` says the device has one (CUDA).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ class OptimConfig:
     beta2: float = 0.95
     eps: float = 1e-8
     grad_clip: float = 1.0  # clip the global gradient norm to this; 0 = no clipping
-    fused: bool | None = None  # fused AdamW kernel; auto (None) = on for CUDA
+    fused: bool | None = None  # fused AdamW kernel; auto (None) = on for CUDA (never where the device lacks it)
 
     def validate(self) -> list[str]:
         """Problems with these values, as messages naming the key (empty if none)."""
@@ -78,9 +78,13 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     ]
 
 
-def make_optimizer(model: nn.Module, cfg: OptimConfig, device_type: str) -> torch.optim.AdamW:
-    """AdamW over the decay groups; the fused kernel on CUDA unless cfg.fused says otherwise."""
-    fused = cfg.fused if cfg.fused is not None else device_type == "cuda"
+def make_optimizer(model: nn.Module, cfg: OptimConfig, device: str) -> torch.optim.AdamW:
+    """AdamW over the decay groups; the fused kernel where the device has one, unless cfg.fused says otherwise."""
+    from gpt2lab.hardware import capabilities
+
+    caps = capabilities(device)
+    # auto: where the device has the kernel; an explicit true is honoured except on MPS (no fused kernel there)
+    fused = caps.fused_adamw if cfg.fused is None else cfg.fused and caps.device_type != "mps"
     return torch.optim.AdamW(
         param_groups(model, cfg.weight_decay),
         lr=cfg.lr,

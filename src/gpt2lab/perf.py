@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
+from gpt2lab import hardware
 from gpt2lab.model import GPT
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
@@ -29,7 +30,7 @@ ATTN_BACKENDS = ("auto", "flash", "cudnn", "efficient", "math")
 class PerfConfig:
     """The [perf] section: how fast a training step runs (never what it computes)."""
 
-    compile: bool | None = None  # torch.compile the model; auto (None) = on for CUDA, off elsewhere
+    compile: bool | None = None  # torch.compile the model; auto (None) = on for CUDA (with Triton), off elsewhere
     compile_mode: str = "default"  # torch.compile mode: default, reduce-overhead, max-autotune, ...
     fullgraph: bool = False  # fail on a graph break instead of falling back to eager for that part
     attn_backend: str = "auto"  # SDPA kernel: auto (PyTorch picks), flash, cudnn, efficient, math
@@ -46,16 +47,24 @@ class PerfConfig:
             problems.append(f"perf.ce_chunk_size must be >= 0 (got {self.ce_chunk_size})")
         return problems
 
-    def use_compile(self, device_type: str) -> bool:
-        return self.compile if self.compile is not None else device_type == "cuda"
+    def use_compile(self, device: str) -> bool:
+        """auto = on for CUDA; off wherever torch.compile cannot work (gpt2lab.hardware decides)."""
+        return hardware.use_compile(self, hardware.capabilities(device))
 
 
-def prepare_model(raw_model: GPT, cfg: PerfConfig, device_type: str) -> torch.nn.Module:
-    """Set the model's loss/recompute switches and the attention kernel; return what the step runs."""
+def prepare_model(raw_model: GPT, cfg: PerfConfig, device: str, dtype: torch.dtype | None = None) -> torch.nn.Module:
+    """Set the model's loss/recompute switches and the attention kernel; return what the step runs.
+
+    ``device`` may be a device ("cuda:1") or its type ("cuda"); ``dtype`` is the autocast dtype (default:
+    what train.dtype=auto picks here), for the check that a forced attention kernel runs on this GPU.
+    """
     raw_model.ce_chunk_size = cfg.ce_chunk_size
     raw_model.activation_checkpointing = cfg.activation_checkpointing
-    set_attention_backend(cfg.attn_backend)
-    if cfg.use_compile(device_type):
+    caps = hardware.capabilities(device)
+    dtype = dtype or hardware.autocast_dtype("auto", caps)
+    head_dim = raw_model.config.n_embd // raw_model.config.n_head
+    set_attention_backend(hardware.attention_backend(cfg, device, dtype, head_dim))
+    if hardware.use_compile(cfg, caps):
         return torch.compile(raw_model, mode=None if cfg.compile_mode == "default" else cfg.compile_mode,
                              fullgraph=cfg.fullgraph)  # fmt: skip
     return raw_model

@@ -3,7 +3,7 @@
 ``StopSignals`` turns SIGTERM/SIGINT (spot instances, job schedulers, Ctrl-C) into a request
 the loop honours after the current step, so it can save before exiting. ``MetricsLog`` writes
 ``metrics.jsonl`` and TensorBoard events on rank 0, and on resume drops the records written
-after the checkpoint it resumes from.
+after the checkpoint it resumes from (and a last line cut short by a kill in mid-write).
 """
 
 from __future__ import annotations
@@ -11,7 +11,10 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sys
 from pathlib import Path
+
+from gpt2lab.errors import Gpt2LabError
 
 
 class StopSignals:
@@ -43,6 +46,29 @@ class StopSignals:
         self._old = {}
 
 
+def read_records(path: Path) -> list[dict]:
+    """The records of a metrics.jsonl file ([] if there is none), without a partial last line.
+
+    A run killed in the middle of a write (kill -9, a lost node) leaves its last line cut short;
+    that line is dropped with a notice. Any other unreadable line is an error naming it.
+    """
+    if not path.exists():
+        return []
+    lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    records = []
+    for number, line in enumerate(lines, start=1):
+        try:
+            record = json.loads(line)
+            int(record["step"])
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+            if number == len(lines):
+                print(f"notice: {path}: dropped a partial last line (the run was stopped mid-write)", file=sys.stderr)
+                break
+            raise Gpt2LabError(f"{path}, line {number}: not a metrics record; fix or delete that line") from None
+        records.append(record)
+    return records
+
+
 class MetricsLog:
     """metrics.jsonl + TensorBoard on rank 0; a no-op on the other ranks."""
 
@@ -52,9 +78,12 @@ class MetricsLog:
         if not enabled:
             return
         self.path = run_dir / "metrics.jsonl"
-        if resume_step is not None and self.path.exists():  # drop records from after the checkpoint
-            kept = [line for line in self.path.read_text().splitlines() if json.loads(line)["step"] <= resume_step]
-            self.path.write_text("".join(line + "\n" for line in kept))
+        # a new run starts the log afresh (an earlier attempt in this folder never saved a checkpoint);
+        # a resumed one keeps the records up to its checkpoint
+        kept = [] if resume_step is None else [r for r in read_records(self.path) if r["step"] <= resume_step]
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        os.replace(tmp, self.path)  # a kill during this rewrite leaves the old log whole
         self.file = self.path.open("a")
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter

@@ -2,7 +2,7 @@
 
 Where the vocabulary files come from, first match wins:
 1. an explicit folder holding ``encoder.json`` and ``vocab.bpe`` (OpenAI's file names);
-2. ``$GPT2LAB_MIRROR/gpt2_tokenizer`` (an offline mirror laid out like ../shared/data);
+2. ``MIRROR/gpt2_tokenizer`` of the offline data mirror (``$GPT2LAB_MIRROR``, see ``gpt2lab.mirror``);
 3. tiktoken's cache (``$TIKTOKEN_CACHE_DIR``, as tiktoken itself looks it up);
 4. tiktoken's own download from OpenAI's URLs, when the network answers.
 When none of these works, one ``Gpt2LabError`` says what to provide.
@@ -21,6 +21,8 @@ from tiktoken.load import data_gym_to_mergeable_bpe_ranks
 from tiktoken_ext.openai_public import r50k_pat_str  # GPT-2's pre-tokenisation regex
 
 from gpt2lab.errors import Gpt2LabError
+from gpt2lab.mirror import ENV as MIRROR_ENV
+from gpt2lab.mirror import mirror_dir
 
 EOT_TOKEN = "<|endoftext|>"
 EOT_ID = 50256
@@ -67,6 +69,12 @@ def _from_files(folder: Path) -> Tokenizer:
     for f in (encoder, vocab):
         if not f.is_file():
             raise Gpt2LabError(f"tokenizer folder {folder} has no {f.name} (expected encoder.json and vocab.bpe)")
+    return load_files(encoder, vocab)
+
+
+def load_files(encoder: str | Path, vocab: str | Path) -> Tokenizer:
+    """The tokenizer from OpenAI's two files under any names (a folder's, or tiktoken's hashed cache names)."""
+    folder, encoder, vocab = Path(vocab).parent, Path(encoder), Path(vocab)
     saved = os.environ.get("TIKTOKEN_CACHE_DIR")
     os.environ["TIKTOKEN_CACHE_DIR"] = ""  # local files: tiktoken must not copy them into its cache
     try:
@@ -112,22 +120,23 @@ def _online(timeout: float = 5.0) -> bool:
         return False
 
 
-def get_tokenizer(folder: str | Path | None = None) -> Tokenizer:
-    """The GPT-2 tokenizer, from a folder, the mirror, tiktoken's cache or the network."""
+def get_tokenizer(folder: str | Path | None = None, mirror: str | Path | None = None) -> Tokenizer:
+    """The GPT-2 tokenizer: from a folder, the data mirror (``mirror`` or $GPT2LAB_MIRROR), tiktoken cache or web."""
     if folder is not None:
         return _from_files(Path(folder))
-    mirror = os.environ.get("GPT2LAB_MIRROR")
-    if mirror and (Path(mirror) / "gpt2_tokenizer" / "vocab.bpe").is_file():
-        return _from_files(Path(mirror) / "gpt2_tokenizer")
+    root = mirror_dir(mirror)  # a mirror variable naming a missing folder is an error, not a silent fallback
+    if root is not None and (root / "gpt2_tokenizer" / "vocab.bpe").is_file():
+        return _from_files(root / "gpt2_tokenizer")
     cached = _cached_files()
     if cached is not None or _online():
         try:
             return Tokenizer(tiktoken.get_encoding("gpt2"), cached or _cached_files())
         except Exception as e:
             raise Gpt2LabError(f"could not load tiktoken's gpt2 encoding: {e}") from e
+    looked = f" ({root / 'gpt2_tokenizer'} does not exist)" if root is not None else f" ({MIRROR_ENV} is not set)"
     raise Gpt2LabError(
         "the GPT-2 tokenizer files are not available offline and the network does not answer.\n"
         "Provide one of: TIKTOKEN_CACHE_DIR=<a tiktoken cache holding the gpt2 files> "
-        "(e.g. ../shared/data/tiktoken_cache), GPT2LAB_MIRROR=<a data mirror with gpt2_tokenizer/>, "
+        f"(e.g. ../shared/data/tiktoken_cache), {MIRROR_ENV}=<a data mirror with gpt2_tokenizer/>{looked}, "
         "or a folder with encoder.json and vocab.bpe (--tokenizer DIR)."
     )

@@ -4,12 +4,17 @@ One optimizer step = ``grad_accum`` micro-batches of ``train.micro_batch`` x ``m
 tokens on each of ``world_size`` ranks, so that ``train.total_batch`` tokens enter every step;
 ``grad_accum`` is derived, never configured. Under DDP the gradients are all-reduced once per
 step (``no_sync`` on the other micro-steps) and only rank 0 writes logs and checkpoints. On
-CUDA: bf16 autocast, TF32 matmuls and ``torch.compile``; on CPU: float32, eager. The speed
-switches ([perf]: compile mode, attention kernel, fused loss, recompute) live in ``gpt2lab.perf``.
+CUDA: bf16 autocast (float16 with a gradient scaler on GPUs without bf16), TF32 matmuls and
+``torch.compile``; on CPU: float32, eager. What the device can do is decided in ``gpt2lab.hardware``,
+checked by its ``preflight`` before anything is built or written. The speed switches ([perf]: compile
+mode, attention kernel, fused loss, recompute) live in ``gpt2lab.perf``. This module never imports
+``gpt2lab.config`` (which composes the section dataclasses defined here): a run's config arrives as
+an argument (``RunConfig``), and the CLI glue lives in ``gpt2lab.launch``.
 
 Departures from nanoGPT's train.py: the config is dataclasses + TOML (never ``exec``); the
 loss and the grad norm are read to the host once per step, before ``optimizer.step()``, so a
-NaN/inf never reaches the weights; a SIGTERM/SIGINT finishes the current step and saves.
+NaN/inf never reaches the weights (under float16 an overflowed gradient is a skipped step, as
+GradScaler intends; a non-finite loss stops the run); a SIGTERM/SIGINT finishes the current step and saves.
 """
 
 from __future__ import annotations
@@ -21,26 +26,24 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
 from gpt2lab import checkpoint as ckpt
+from gpt2lab import hardware
 from gpt2lab.dist import DistInfo, destroy_distributed, init_distributed
 from gpt2lab.errors import Gpt2LabError
 from gpt2lab.model import GPT, GPTConfig
-from gpt2lab.optim import lr_at, make_optimizer, set_lr
-from gpt2lab.perf import prepare_model, step_context
+from gpt2lab.optim import OptimConfig, lr_at, make_optimizer, set_lr
+from gpt2lab.perf import PerfConfig, prepare_model, step_context
+from gpt2lab.reference import speed_note, val_loss_note
 from gpt2lab.runlog import MetricsLog, StopSignals
 
-if TYPE_CHECKING:
-    import argparse
-
-    from gpt2lab.config import Config
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+DTYPES = hardware.DTYPES
+MAX_SKIPPED_IN_A_ROW = 25  # float16: a loss scale halved this often cannot recover; stop instead of spinning
 
 # Dense bf16 peak FLOP/s by GPU name (first substring match wins), for MFU. Omitted when unknown.
 PEAK_FLOPS = (
@@ -61,27 +64,27 @@ class TrainConfig:
 
     max_steps: int = 19073  # optimizer steps to train for (19,073 x 2^19 tokens ~ 10B tokens)
     total_batch: int = 524288  # tokens per optimizer step over all ranks and micro-steps (2^19)
-    micro_batch: int = 64  # sequences per forward/backward on each rank; lower it on CUDA OOM
+    micro_batch: int | None = 64  # sequences per forward/backward on each rank; auto = the largest that fits
     seed: int = 1337  # seed of the weight init (and of the python/numpy/torch RNGs)
     device: str = "auto"  # auto (cuda, mps, cpu: the best present), cpu, cuda, mps
-    dtype: str = "auto"  # autocast dtype: auto (bfloat16 on CUDA, float32 elsewhere), bfloat16, float32
+    dtype: str = "auto"  # auto (bf16 on GPUs with it, else fp16 + scaler; CPU fp32), bfloat16, float16, float32
     save_every: int = 1000  # steps between checkpoints (0 = only at the end and on a signal)
     keep_checkpoints: int = 3  # newest checkpoints kept in RUN_DIR/checkpoints (0 = all)
 
     def validate(self, model: GPTConfig) -> list[str]:
         problems = []
         for name in ("max_steps", "total_batch", "micro_batch"):
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 problems.append(f"train.{name} must be >= 1 (got {getattr(self, name)})")
         if self.save_every < 0 or self.keep_checkpoints < 0:
             problems.append("train.save_every and train.keep_checkpoints must be >= 0")
         if self.dtype not in ("auto", *DTYPES):
-            problems.append(f"train.dtype must be auto, {' or '.join(DTYPES)} (got {self.dtype!r})")
+            problems.append(f"train.dtype must be auto, float32, bfloat16 or float16 (got {self.dtype!r})")
         if self.device.split(":")[0] not in ("auto", "cpu", "cuda", "mps"):
             problems.append(f"train.device must be auto, cpu, cuda[:N] or mps (got {self.device!r})")
         elif self.device.startswith("cuda") and not torch.cuda.is_available():
             problems.append(f"train.device is {self.device!r} but no CUDA GPU is available")
-        per_rank = self.micro_batch * model.block_size
+        per_rank = (self.micro_batch or 1) * model.block_size  # auto: checked once the micro-batch is known
         if self.total_batch >= 1 and per_rank >= 1 and self.total_batch % per_rank:
             problems.append(
                 f"train.total_batch ({self.total_batch}) is not divisible by train.micro_batch x model.block_size "
@@ -119,14 +122,34 @@ class LogConfig:
         return [] if self.every >= 1 else [f"log.every must be >= 1 (got {self.every})"]
 
 
+class RunConfig(Protocol):
+    """What a run reads of its config (gpt2lab.config.Config composes these sections)."""
+
+    model: GPTConfig
+    data: object  # gpt2lab.data.loader.DataConfig
+    optim: OptimConfig
+    train: TrainConfig
+    eval: EvalConfig
+    log: LogConfig
+    perf: PerfConfig
+    reference: object  # gpt2lab.reference.ReferenceConfig
+
+    def to_dict(self) -> dict[str, dict]: ...
+
+    def to_toml(self) -> str: ...
+
+
 # ----------------------------------------------------------------------------- one step
 
 
-def forward_backward(model: torch.nn.Module, loader, grad_accum: int, autocast, ddp: bool) -> torch.Tensor:
+def forward_backward(
+    model: torch.nn.Module, loader, grad_accum: int, autocast, ddp: bool, scaler: torch.amp.GradScaler | None = None
+) -> torch.Tensor:
     """Accumulate the gradient of the mean loss over grad_accum micro-batches; return that loss (0-dim).
 
     Each micro-loss is divided by grad_accum, so k micro-batches of B/k give the gradient of
-    one batch of B. Under DDP only the last backward all-reduces (no_sync on the others).
+    one batch of B. Under DDP only the last backward all-reduces (no_sync on the others). With a
+    scaler (float16) the loss is scaled before each backward, so small gradients do not underflow.
     """
     total = None
     for micro in range(grad_accum):
@@ -136,7 +159,7 @@ def forward_backward(model: torch.nn.Module, loader, grad_accum: int, autocast, 
             with autocast():
                 _, loss = model(x, y)
             loss = loss / grad_accum
-            loss.backward()
+            (scaler.scale(loss) if scaler is not None else loss).backward()
         total = loss.detach() if total is None else total + loss.detach()
     return total
 
@@ -152,15 +175,20 @@ def train_step(
     grad_clip: float,
     world_size: int = 1,
     stop: bool = False,
+    scaler: torch.amp.GradScaler | None = None,
 ) -> tuple[float, float, bool]:
     """One optimizer step; return (loss averaged over ranks, grad norm, whether any rank must stop).
 
     The only host sync of the step reads these three numbers, before ``optimizer.step()``: a
-    non-finite loss or norm skips the update, and the caller stops.
+    non-finite loss or norm skips the update, and the caller stops. With a scaler (float16) the
+    gradients are unscaled before clipping, an inf/NaN norm is the scaler's skipped step (the
+    caller counts it) and the scale is updated.
     """
     ddp = world_size > 1
     optimizer.zero_grad(set_to_none=True)
-    loss = forward_backward(model, loader, grad_accum, autocast, ddp)
+    loss = forward_backward(model, loader, grad_accum, autocast, ddp, scaler)
+    if scaler is not None:
+        scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
     norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), grad_clip if grad_clip > 0 else math.inf)
     stats = torch.stack([loss.float(), norm.float(), torch.tensor(float(stop), device=loss.device)])
     if ddp:  # one collective: the loss mean and "does any rank stop" (norm is the same everywhere)
@@ -169,6 +197,8 @@ def train_step(
     loss_value, norm_value, stop_value = stats.tolist()
     if math.isfinite(loss_value) and math.isfinite(norm_value):
         optimizer.step()
+    if scaler is not None:
+        scaler.update()  # an inf/NaN gradient (found by unscale_) halves the scale, else it may grow
     return loss_value, norm_value, stop_value > 0
 
 
@@ -178,6 +208,7 @@ def val_loss(model: GPT, loader, batches: int, autocast, world_size: int = 1) ->
     model.eval()
     loader.reset()
     total = None
+    batches = min(batches, loader.batches_per_epoch)  # a small val split: each batch once
     for _ in range(batches):
         x, y = loader.next_batch()
         with autocast():
@@ -194,15 +225,16 @@ def val_loss(model: GPT, loader, batches: int, autocast, world_size: int = 1) ->
 # ----------------------------------------------------------------------------- run set-up
 
 
-def precision(dtype: str, device_type: str) -> torch.dtype:
-    """The autocast dtype for train.dtype ("auto": bfloat16 on CUDA, float32 elsewhere); TF32 on CUDA."""
-    if device_type == "cuda":
+def precision(dtype: str, device: str) -> torch.dtype:
+    """The autocast dtype for train.dtype on this device (gpt2lab.hardware decides "auto"); TF32 where it exists."""
+    caps = hardware.capabilities(device)
+    if caps.tf32:
         torch.backends.cuda.matmul.allow_tf32 = True  # TF32 for any matmul left in float32
         torch.backends.cudnn.allow_tf32 = True
-    return DTYPES.get(dtype, torch.bfloat16 if device_type == "cuda" else torch.float32)
+    return hardware.autocast_dtype(dtype, caps)
 
 
-def grad_accum_steps(cfg: Config, world_size: int) -> int:
+def grad_accum_steps(cfg: RunConfig, world_size: int) -> int:
     """Micro-steps per optimizer step; an error when total_batch does not divide."""
     per_step = cfg.train.micro_batch * cfg.model.block_size * world_size
     if cfg.train.total_batch % per_step:
@@ -215,10 +247,10 @@ def grad_accum_steps(cfg: Config, world_size: int) -> int:
 
 def peak_flops(device: str) -> float | None:
     """The GPU's dense bf16 peak FLOP/s, or None when unknown (CPU, unlisted GPU)."""
-    if not device.startswith("cuda"):
+    caps = hardware.capabilities(device)
+    if caps.device_type != "cuda":
         return None
-    name = torch.cuda.get_device_name(device)
-    return next((flops for key, flops in PEAK_FLOPS if key in name), None)
+    return next((flops for key, flops in PEAK_FLOPS if key in caps.name), None)
 
 
 def git_commit() -> str | None:
@@ -242,7 +274,7 @@ def seed_everything(seed: int) -> None:
 class Run:
     """What the loop needs besides the config: the models, the optimizer, the loaders."""
 
-    cfg: Config
+    cfg: RunConfig
     run_dir: Path
     info: DistInfo
     raw_model: GPT  # the one handle saved, evaluated and sampled from
@@ -254,9 +286,11 @@ class Run:
     autocast: object
     start_step: int
     hellaswag_examples: list | None = None  # loaded at the first HellaSwag evaluation
+    scaler: torch.amp.GradScaler | None = None  # float16 only: the loss scale, saved with each checkpoint
+    skipped_steps: int = 0  # float16 steps the scaler skipped (an overflowed gradient), over the whole run
 
 
-def _dataset_check(cfg: Config) -> None:
+def _dataset_check(cfg: RunConfig) -> None:
     from gpt2lab.data.shards import read_manifest
 
     manifest = read_manifest(cfg.data.path)  # clear error on a missing or unfinished folder
@@ -267,9 +301,9 @@ def _dataset_check(cfg: Config) -> None:
         )
 
 
-def setup(cfg: Config, run_dir: Path, info: DistInfo, resume: bool) -> Run:
+def setup(cfg: RunConfig, run_dir: Path, info: DistInfo, resume: bool) -> Run:
     """Check everything that can fail early, then build the model, optimizer and loaders (and restore)."""
-    from gpt2lab.data.loader import ShardLoader
+    from gpt2lab.data.loader import ShardLoader, open_val_loader
 
     grad_accum = grad_accum_steps(cfg, info.world_size)
     _dataset_check(cfg)
@@ -285,11 +319,13 @@ def setup(cfg: Config, run_dir: Path, info: DistInfo, resume: bool) -> Run:
             f"{run_dir} already holds checkpoints; continue it with `gpt2lab train --resume {run_dir}`, "
             "or start afresh with --run-dir NEW_DIR"
         )
-    device_type = torch.device(info.device).type
-    autocast = step_context(device_type, precision(cfg.train.dtype, device_type))
+    caps = hardware.capabilities(info.device)
+    dtype = precision(cfg.train.dtype, info.device)
+    autocast = step_context(caps.device_type, dtype)
+    scaler = torch.amp.GradScaler(caps.device_type) if hardware.needs_grad_scaler(dtype, caps) else None
     seed_everything(cfg.train.seed)
     raw_model = GPT(cfg.model).to(info.device)
-    optimizer = make_optimizer(raw_model, cfg.optim, device_type)
+    optimizer = make_optimizer(raw_model, cfg.optim, info.device)
     kw = dict(rank=info.rank, world_size=info.world_size, device=info.device)
     loader = ShardLoader(
         cfg.data.path, "train", cfg.train.micro_batch, cfg.model.block_size, shuffle=cfg.data.shuffle,
@@ -297,26 +333,35 @@ def setup(cfg: Config, run_dir: Path, info: DistInfo, resume: bool) -> Run:
     )  # fmt: skip
     val_loader = None
     if cfg.eval.val_every > 0:
-        val_loader = ShardLoader(cfg.data.path, "val", cfg.train.micro_batch, cfg.model.block_size, shuffle=False, **kw)
-    start_step = 0
+        val_loader, note = open_val_loader(cfg.data.path, cfg.train.micro_batch, cfg.model.block_size, **kw)
+        if note:
+            hardware.print_notices([note if val_loader else f"val loss unavailable: {note}"])
+    start_step, skipped = 0, 0
     if resume:
-        start_step = restore(latest, raw_model, optimizer, loader, info)
-    model = prepare_model(raw_model, cfg.perf, device_type)  # compiled and/or fused loss, per [perf]
+        start_step, skipped = restore(latest, raw_model, optimizer, loader, info, scaler)
+    model = prepare_model(raw_model, cfg.perf, info.device, dtype)  # compiled and/or fused loss, per [perf]
     if info.is_distributed:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
-        model = DDP(model, device_ids=[info.local_rank] if device_type == "cuda" else None)
-    return Run(cfg, run_dir, info, raw_model, model, optimizer, loader, val_loader, grad_accum, autocast, start_step)
+        model = DDP(model, device_ids=[info.local_rank] if caps.device_type == "cuda" else None)
+    return Run(
+        cfg, run_dir, info, raw_model, model, optimizer, loader, val_loader, grad_accum, autocast, start_step,
+        scaler=scaler, skipped_steps=skipped,
+    )  # fmt: skip
 
 
-def restore(folder: Path, raw_model: GPT, optimizer, loader, info: DistInfo) -> int:
-    """Load a training checkpoint into the fresh model/optimizer/loader; return its step."""
+def restore(
+    folder: Path, raw_model: GPT, optimizer, loader, info: DistInfo, scaler: torch.amp.GradScaler | None = None
+) -> tuple[int, int]:
+    """Load a training checkpoint into the fresh model/optimizer/loader (and scaler); return (step, skipped steps)."""
     state, rng = ckpt.load_training_checkpoint(folder, raw_model, optimizer)
     loader.load_state_dict(state["loader"])
+    if scaler is not None and state.get("grad_scaler"):  # float16: continue with the same loss scale
+        scaler.load_state_dict(state["grad_scaler"])
     prefix = f"rank{info.rank}." if f"rank{info.rank}.torch" in rng else "rank0."
     plain = state["rng"][min(info.rank, len(state["rng"]) - 1)]
     ckpt.set_rng_state({k[len(prefix) :]: v for k, v in rng.items() if k.startswith(prefix)}, plain)
-    return int(state["step"])
+    return int(state["step"]), int(state.get("skipped_steps", 0))
 
 
 def _gather(obj: object, world_size: int) -> list:
@@ -340,6 +385,8 @@ def save(run: Run, step: int, metrics: dict) -> Path | None:
         "rng": [p for _, p in gathered],
         "metrics": metrics,
         "config": run.cfg.to_dict(),
+        "grad_scaler": run.scaler.state_dict() if run.scaler is not None else None,  # plain floats and ints
+        "skipped_steps": run.skipped_steps,
         "git_commit": git_commit(),
         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
@@ -399,12 +446,42 @@ def _periodic(every: int, step: int, last: bool) -> bool:
     return every > 0 and (step % every == 0 or last)
 
 
-def _oom_error(cfg: Config) -> Gpt2LabError:
+def _oom_error(cfg: RunConfig, device: str) -> Gpt2LabError:
+    """Which knob to turn, instead of the allocator's dump."""
+    b = cfg.train.micro_batch
     return Gpt2LabError(
-        f"CUDA out of memory with train.micro_batch={cfg.train.micro_batch} x model.block_size="
-        f"{cfg.model.block_size}; lower train.micro_batch (e.g. --set train.micro_batch="
-        f"{max(1, cfg.train.micro_batch // 2)}): gradient accumulation keeps train.total_batch the same"
+        f"out of memory on {device} with train.micro_batch={b} x model.block_size="
+        f"{cfg.model.block_size}; lower train.micro_batch (e.g. --set train.micro_batch={max(1, b // 2)}, or auto): "
+        f"gradient accumulation keeps train.total_batch the same; or lower {', '.join(hardware.memory_knobs(cfg))}"
     )
+
+
+def _compile_error(e: Exception) -> Gpt2LabError | None:
+    """A torch.compile failure as one line (the checks in gpt2lab.hardware catch the known causes first)."""
+    if not type(e).__module__.startswith(("torch._dynamo", "torch._inductor")):
+        return None
+    first = next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)
+    why = first.strip()[:200]
+    return Gpt2LabError(f"torch.compile failed on this machine ({why}); run with --set perf.compile=false")
+
+
+def _count_skip(run: Run, step: int, loss: float, norm: float, in_a_row: int, last_ckpt) -> int:
+    """float16: an overflowed gradient is the scaler's skipped step; return the skips in a row so far."""
+    if run.scaler is not None and math.isfinite(loss) and not math.isfinite(norm):
+        run.skipped_steps += 1
+        if in_a_row + 1 >= MAX_SKIPPED_IN_A_ROW:
+            raise Gpt2LabError(
+                f"step {step}: float16 gradients overflowed {in_a_row + 1} steps in a row (loss scale "
+                f"{run.scaler.get_scale():.3g}); last good checkpoint: {last_ckpt or 'none'}. "
+                "Try train.dtype=bfloat16 or float32, or a lower optim.lr"
+            )
+        return in_a_row + 1
+    if not (math.isfinite(loss) and math.isfinite(norm)):
+        raise Gpt2LabError(
+            f"step {step}: the loss is {loss} (grad norm {norm}); training stopped before this update. "
+            f"Last good checkpoint: {last_ckpt or 'none'}. Try a lower optim.lr or more optim.warmup_steps"
+        )
+    return 0
 
 
 def loop(run: Run, stop: StopSignals) -> Path | None:
@@ -415,11 +492,14 @@ def loop(run: Run, stop: StopSignals) -> Path | None:
     flops_per_token = run.raw_model.flops_per_token(cfg.model.block_size)
     peak = peak_flops(info.device)
     last_ckpt, step, metrics = ckpt.find_latest(run.run_dir), run.start_step, {}
+    skips_in_a_row = 0
     try:
-        if step == 0 and cfg.eval.val_every > 0:
+        if note := speed_note(cfg.reference):  # the preset's measured speed, beside this run's tok/s below
+            _print0(info, note)
+        if step == 0 and run.val_loader is not None:
             metrics["val_loss"] = val_loss(run.raw_model, run.val_loader, cfg.eval.val_batches, run.autocast, ws)
             log.log(0, val_loss=metrics["val_loss"])
-            _print0(info, f"step {0:>6} | val loss {metrics['val_loss']:.4f}")
+            _print0(info, f"step {0:>6} | val loss {metrics['val_loss']:.4f}{val_loss_note(cfg.reference, 0)}")
         while step < cfg.train.max_steps:
             t0 = time.perf_counter()
             lr = lr_at(step, cfg.optim)
@@ -427,34 +507,40 @@ def loop(run: Run, stop: StopSignals) -> Path | None:
             try:
                 loss, norm, stopping = train_step(
                     run.model, run.raw_model, run.optimizer, run.loader, run.grad_accum, autocast=run.autocast,
-                    grad_clip=cfg.optim.grad_clip, world_size=ws, stop=stop.requested,
+                    grad_clip=cfg.optim.grad_clip, world_size=ws, stop=stop.requested, scaler=run.scaler,
                 )  # fmt: skip
-            except torch.cuda.OutOfMemoryError:
-                raise _oom_error(cfg) from None
+            except torch.OutOfMemoryError:  # CUDA (and other accelerators) raise it instead of dying
+                raise _oom_error(cfg, info.device) from None
+            except Exception as e:
+                if (error := _compile_error(e)) is not None:
+                    raise error from None
+                raise
             dt = time.perf_counter() - t0
             step += 1
-            if not (math.isfinite(loss) and math.isfinite(norm)):
-                raise Gpt2LabError(
-                    f"step {step}: the loss is {loss} (grad norm {norm}); training stopped before this update. "
-                    f"Last good checkpoint: {last_ckpt or 'none'}. Try a lower optim.lr or more optim.warmup_steps"
-                )
+            skips_in_a_row = _count_skip(run, step, loss, norm, skips_in_a_row, last_ckpt)
             last = step == cfg.train.max_steps
             if step % cfg.log.every == 0 or last or step == run.start_step + 1:
                 tps = cfg.train.total_batch / dt
                 record = dict(train_loss=loss, lr=lr, grad_norm=norm, ms_per_step=dt * 1e3, tokens_per_s=tps)
+                if run.scaler is not None:  # float16: the loss scale and the steps it skipped so far
+                    record |= dict(loss_scale=run.scaler.get_scale(), skipped_steps=run.skipped_steps)
+                    if not math.isfinite(norm):
+                        del record["grad_norm"]  # not a number JSON can hold; the skip is counted instead
                 if peak:
                     record["mfu"] = flops_per_token * tps / (peak * ws)
                 log.log(step, **record)
                 mfu = f" | MFU {record['mfu']:6.1%}" if peak else ""
+                mfu += f" | skipped {run.skipped_steps}" if run.skipped_steps else ""
                 _print0(
                     info,
                     f"step {step:>6}/{cfg.train.max_steps} | loss {loss:.4f} | lr {lr:.2e} | norm {norm:.3f} | "
                     f"{dt * 1e3:7.1f} ms | {tps:9,.0f} tok/s{mfu}",
                 )
-            if _periodic(cfg.eval.val_every, step, last):
+            if run.val_loader is not None and _periodic(cfg.eval.val_every, step, last):
                 metrics["val_loss"] = val_loss(run.raw_model, run.val_loader, cfg.eval.val_batches, run.autocast, ws)
                 log.log(step, val_loss=metrics["val_loss"])
-                _print0(info, f"step {step:>6} | val loss {metrics['val_loss']:.4f}")
+                note = val_loss_note(cfg.reference, step)
+                _print0(info, f"step {step:>6} | val loss {metrics['val_loss']:.4f}{note}")
             if _periodic(cfg.eval.hellaswag_every, step, last):
                 metrics["hellaswag"] = _hellaswag(run)
                 log.log(step, hellaswag=metrics["hellaswag"])
@@ -476,27 +562,48 @@ def loop(run: Run, stop: StopSignals) -> Path | None:
     return last_ckpt
 
 
-def _finished(folder: Path, cfg: Config) -> bool:
+def _finished(folder: Path, cfg: RunConfig) -> bool:
     """True if the checkpoint ends a run of exactly this config (so running it again is a no-op)."""
     state = ckpt.read_json(folder / ckpt.CONFIG_NAME).get(ckpt.TRAIN_STATE_KEY) or {}
     return state.get("config") == cfg.to_dict() and state.get("step", -1) >= cfg.train.max_steps
 
 
-def train(cfg: Config, run_dir: str | Path, resume: bool = False) -> Path | None:
-    """Run (or resume) training in run_dir; the same call works under torchrun. Returns the last checkpoint."""
-    from gpt2lab.config import to_toml
+def _saved_micro_batch(folder: Path) -> int | None:
+    state = ckpt.read_json(folder / ckpt.CONFIG_NAME).get(ckpt.TRAIN_STATE_KEY) or {}
+    return (state.get("config") or {}).get("train", {}).get("micro_batch")
 
+
+def _agree_micro_batch(cfg: RunConfig, info: DistInfo) -> None:
+    """Under DDP every rank must use the same micro-batch: the smallest that auto found (a divisor too)."""
+    t = torch.tensor([cfg.train.micro_batch], device=info.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    cfg.train.micro_batch = int(t.item())
+
+
+def train(cfg: RunConfig, run_dir: str | Path, resume: bool = False) -> Path | None:
+    """Run (or resume) training in run_dir; the same call works under torchrun. Returns the last checkpoint.
+
+    ``cfg`` is a gpt2lab.config.Config. Nothing is written before every check has passed
+    (gpt2lab.hardware.preflight, then setup). ``train.micro_batch = None`` (auto) is resolved
+    here, or taken from the run's checkpoint, so a resume continues with the same micro-batch.
+    """
     run_dir = Path(run_dir)
     latest = ckpt.find_latest(run_dir)
+    if cfg.train.micro_batch is None and latest is not None:  # auto was resolved when this run started
+        cfg.train.micro_batch = _saved_micro_batch(latest)
     if not resume and latest is not None and _finished(latest, cfg):
         print(f"{run_dir} is already trained with this config ({latest.name}); nothing to do")
         return latest
     info = init_distributed(None if cfg.train.device == "auto" else cfg.train.device)
     try:
+        auto_batch = cfg.train.micro_batch is None
+        hardware.print_notices(hardware.preflight(cfg, info.device, info.world_size))
+        if auto_batch and info.is_distributed:
+            _agree_micro_batch(cfg, info)
         run = setup(cfg, run_dir, info, resume)
         if info.is_main:
             run_dir.mkdir(parents=True, exist_ok=True)
-            (run_dir / "config.toml").write_text(to_toml(cfg))
+            (run_dir / "config.toml").write_text(cfg.to_toml())
             n = run.raw_model.num_params()
             _print0(
                 info,
@@ -508,30 +615,3 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False) -> Path | None
             return loop(run, stop)
     finally:
         destroy_distributed()
-
-
-def train_command(args: argparse.Namespace) -> int:
-    """`gpt2lab train [CONFIG] [--set k=v ...] [--run-dir DIR] [--resume RUN_DIR]`."""
-    from gpt2lab.config import build_config, load_config
-
-    if args.resume and args.run_dir:
-        raise Gpt2LabError("--resume RUN_DIR continues in RUN_DIR; leave out --run-dir")
-    if args.resume:
-        latest = ckpt.find_latest(args.resume)
-        if latest is None:
-            raise Gpt2LabError(f"{args.resume}: no complete checkpoint to resume from (is it a run folder?)")
-        if args.config:
-            cfg = load_config(args.config, args.set)
-        else:
-            saved = ckpt.read_json(latest / ckpt.CONFIG_NAME).get(ckpt.TRAIN_STATE_KEY, {}).get("config")
-            if not isinstance(saved, dict):
-                raise Gpt2LabError(f"{latest}: no training config inside; give the CONFIG file too")
-            cfg = build_config(saved, f"{latest / ckpt.CONFIG_NAME}", args.set)
-        run_dir = Path(args.resume)
-    elif args.config:
-        cfg = load_config(args.config, args.set)
-        run_dir = Path(args.run_dir or Path("runs") / Path(args.config).stem)
-    else:
-        raise Gpt2LabError("give a CONFIG file (e.g. configs/shakespeare.toml) or --resume RUN_DIR")
-    train(cfg, run_dir, resume=bool(args.resume))
-    return 0

@@ -88,5 +88,6 @@ def test_missing_text_field(tmp_path, capsys):
 
 def test_only_val_is_refused_with_a_hint(tmp_path, capsys):
     path = write_jsonl(tmp_path / "docs.jsonl", ["a short document"] * 10)
-    err = run_error(capsys, ["data", "prepare", "files", str(path), "--out", str(tmp_path / "o")])
+    argv = ["data", "prepare", "files", str(path), "--out", str(tmp_path / "o"), "--val-tokens", "1000"]
+    err = run_error(capsys, argv)  # an explicit --val-tokens keeps its meaning: whole documents, that many
     assert "train split no tokens" in err and "--val-tokens" in err

@@ -141,3 +141,22 @@ def test_llmc_written_shards_are_read(tmp_path, capsys):
     np.testing.assert_array_equal(x.numpy().ravel(), written["edufineweb_train_000001.bin"][:2000])
     assert main(["data", "info", str(folder), "--verify"]) == 0
     assert "val" in capsys.readouterr().out
+
+
+def test_index_counts_documents_by_their_delimiter(tmp_path, capsys):
+    """llm.c shards carry no document count: indexing counts the <|endoftext|> that starts each document."""
+    folder = tmp_path / "llmc"
+    folder.mkdir()
+    rng = np.random.default_rng(1)
+    starts = {"tiny_val.bin": 3, "tiny_train_000001.bin": 5}
+    for name, docs in starts.items():
+        toks = rng.integers(0, 50256, 4000)  # ids below 50256: no stray delimiters
+        toks[np.linspace(0, 3999, docs).astype(int)] = EOT
+        header = np.zeros(256, dtype=np.int32)
+        header[:3] = 20240520, 1, len(toks)
+        (folder / name).write_bytes(header.tobytes() + toks.astype(np.uint16).tobytes())
+    assert main(["data", "index", str(folder)]) == 0
+    assert json.loads((folder / "manifest.json").read_text())["documents"] == 8
+    capsys.readouterr()
+    assert main(["data", "info", str(folder)]) == 0
+    assert "8 documents (counted as <|endoftext|> tokens)" in capsys.readouterr().out

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import socket
 
 import numpy as np
-import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+
+from tests.conftest import assert_close_f32
 
 WORLD = 2
 
@@ -74,8 +76,9 @@ def test_two_gloo_ranks_equal_one_process(tiny_checkpoint, tmp_path):
     assert got["hellaswag"]["count"] == 7
     for key in ("correct", "count", "acc"):
         assert got["lambada"][key] == single["lambada"][key]
-    assert got["lambada"]["ppl"] == pytest.approx(single["lambada"]["ppl"], rel=1e-6)
+    # other batches per rank, so other GEMM shapes: the float32 losses agree up to their rounding
+    assert_close_f32(math.log(got["lambada"]["ppl"]), math.log(single["lambada"]["ppl"]))
     assert got["wikitext"]["tokens"] == single["wikitext"]["tokens"]
-    assert got["wikitext"]["nll"] == pytest.approx(single["wikitext"]["nll"], rel=1e-6)
+    assert_close_f32(got["wikitext"]["nll"], single["wikitext"]["nll"])
     assert got["loss"]["tokens"] == single["loss"]["tokens"] == 8 * 16
-    assert got["loss"]["loss"] == pytest.approx(single["loss"]["loss"], rel=1e-6)
+    assert_close_f32(got["loss"]["loss"], single["loss"]["loss"])

@@ -11,6 +11,7 @@ import torch
 from gpt2lab.data.shards import MANIFEST, MANIFEST_FORMAT, MANIFEST_VERSION, shard_name, write_json, write_shard
 from gpt2lab.errors import Gpt2LabError
 from gpt2lab.eval.loss import evaluate_loss
+from tests.conftest import assert_close_f32, assert_not_close_f32
 from tests.eval.conftest import tiny_gpt
 
 
@@ -49,11 +50,12 @@ def test_loss_equals_independent_windows(tmp_path):
     r = evaluate_loss(model, tmp_path, "val", "cpu", batch_size=B, seq_len=T)
     assert model.training  # restored
     assert r["tokens"] == len(chunks) * T == 8 * T
-    assert r["loss"] == pytest.approx(expected, rel=1e-6)
-    assert r["ppl"] == pytest.approx(math.exp(expected), rel=1e-6)
+    assert_close_f32(r["loss"], expected)  # batches of 2 against batches of 1: other GEMM shapes, other rounding
+    assert_close_f32(math.log(r["ppl"]), expected)
     r2 = evaluate_loss(model, tmp_path, "val", "cpu", batch_size=B, seq_len=T, max_batches=1)
     assert r2["tokens"] == B * T
-    assert r2["loss"] == pytest.approx(float(torch.stack(losses[:B]).mean()), rel=1e-6)
+    assert_close_f32(r2["loss"], float(torch.stack(losses[:B]).mean()))
+    assert_not_close_f32(r2["loss"], expected)  # the check bites: the first 2 windows are not all 8
 
 
 def test_loss_errors(tmp_path):

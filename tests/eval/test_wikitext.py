@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 from gpt2lab.errors import Gpt2LabError
 from gpt2lab.eval import wikitext as W
+from tests.conftest import assert_close_f32, assert_not_close_f32
 from tests.eval.conftest import tiny_gpt
 
 TEXT = (
@@ -67,7 +68,7 @@ def test_sliding_window_equals_full_context_when_text_fits(tokenizer):
     for stride in (16, 64, 128):
         r = W.evaluate_ids(model, ids, tokenizer.eot, "cpu", context=128, stride=stride)
         assert r["tokens"] == len(ids)
-        assert r["nll"] == pytest.approx(full, rel=1e-6)
+        assert_close_f32(r["nll"], full)
 
 
 @pytest.mark.parametrize("context, stride", [(32, 8), (32, 32), (48, 20)])
@@ -76,9 +77,9 @@ def test_sliding_window_scores_each_token_once_like_the_reference(tokenizer, con
     ids = tokenizer.encode_ordinary(W.detokenize(TEXT)) * 2
     r = W.evaluate_ids(model, ids, tokenizer.eot, "cpu", context=context, stride=stride, batch_size=3)
     assert r["tokens"] == len(ids)
-    assert r["nll"] == pytest.approx(_sliding_reference(model, ids, tokenizer.eot, context, stride), rel=1e-6)
-    if context < len(ids):  # windows shorter than the text: less context, a different number
-        assert r["nll"] != pytest.approx(_full_context_nll(model, ids, tokenizer.eot), rel=1e-6)
+    assert_close_f32(r["nll"], _sliding_reference(model, ids, tokenizer.eot, context, stride))
+    if context < len(ids):  # windows shorter than the text: less context, a different number (the check bites)
+        assert_not_close_f32(r["nll"], _full_context_nll(model, ids, tokenizer.eot))
 
 
 def test_bad_settings_and_files(tmp_path, tokenizer):
@@ -100,3 +101,17 @@ def test_cli_reports_both_perplexities_and_the_stride(tiny_checkpoint, capsys):
                  "--device", "cpu"]) == 0  # fmt: skip
     out = capsys.readouterr().out
     assert "stride 64" in out and "ppl (per word)" in out and "per BPE token" in out
+
+
+def test_a_stride_longer_than_the_window_is_lowered_with_a_notice(tiny_checkpoint, capsys):
+    """A 128-token model cannot step 512 tokens: the command says it uses 128, once, on stderr."""
+    from gpt2lab.cli import main
+
+    argv = ["eval", "wikitext2", "--model", str(tiny_checkpoint), "--limit", "3", "--device", "cpu"]
+    assert main(argv) == 0
+    out, err = capsys.readouterr()
+    assert "stride 128" in out  # the table's title
+    notices = [line for line in err.splitlines() if line.startswith("notice:")]
+    assert notices == ["notice: stride 512 is longer than the 128-token window; using stride 128"]
+    assert main([*argv, "--stride", "64"]) == 0
+    assert "notice" not in capsys.readouterr().err

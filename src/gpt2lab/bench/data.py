@@ -28,8 +28,9 @@ import numpy as np
 from gpt2lab.data.loader import ShardLoader
 from gpt2lab.data.prepare import Settings, load_tokenizer, prepare
 from gpt2lab.data.shards import MANIFEST, MANIFEST_FORMAT, MANIFEST_VERSION, shard_name, write_json, write_shard
-from gpt2lab.data.sources import mirror_dir, read_text
+from gpt2lab.data.sources import read_text
 from gpt2lab.errors import Gpt2LabError
+from gpt2lab.mirror import mirror_dir
 
 H100_STEP_S = 0.12  # GPT-2 124M, 0.5M-token batch, on one H100 (llm.c / nanoGPT reproduction)
 DOC_CHARS = 4000  # about the mean FineWeb-Edu document (~1,000 tokens)

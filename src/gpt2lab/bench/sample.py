@@ -2,8 +2,10 @@
 
 Both run the same weights (random GPT-2 124M by default, or any ``--model``), from the same
 prompt, for the same number of new tokens (eos disabled on both sides), greedy by default.
-Runs alternate between the two implementations and the median time is reported, so a shared
-machine's load hits both alike. tok/s counts new tokens of all samples (batch x new tokens)
+Runs alternate between the implementations (the order reversed every other round) and the median
+time is reported, so a shared machine's load hits all alike; each speed-up is the median of the
+per-run ratios with a distribution-free interval (``gpt2lab.bench.stats``), or "no measurable
+difference" when that interval covers 1.00. tok/s counts new tokens of all samples (batch x new tokens)
 over the whole call, prefill included. Greedy outputs are also compared token for token.
 """
 
@@ -17,6 +19,7 @@ from collections.abc import Callable
 
 import torch
 
+from gpt2lab.bench.stats import ratio
 from gpt2lab.errors import Gpt2LabError
 from gpt2lab.generate import generate_ids
 from gpt2lab.model import GPT, GPTConfig
@@ -82,19 +85,25 @@ def bench_batch(model: GPT, hf_model, prompt: list[int], batch: int, new_tokens:
     times: dict[str, list[float]] = {name: [] for name in runners}
     peak: dict[str, float | None] = {}
     outputs = {}
-    for i in range(args.warmup + args.repeats):
-        for name, fn in runners.items():
+    runs = args.warmup + args.repeats
+    for i in range(runs):
+        order = list(runners.items())
+        for name, fn in order[::-1] if i % 2 else order:  # reversed every other round: no order bias
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
             seconds, outputs[name] = _timed(fn, device)
             peak[name] = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
             if i >= args.warmup:
                 times[name].append(seconds)
+            kind = "warm-up" if i < args.warmup else "timed"
+            # stderr, so the table on stdout stays clean; a long benchmark shows it is alive
+            print(f"batch {batch}, {name}: run {i + 1}/{runs} ({kind}) {seconds:.2f} s", file=sys.stderr, flush=True)
     lengths = {len(s) for name in outputs for s in outputs[name]}
     if lengths != {new_tokens}:
         raise RuntimeError(f"unequal generation lengths {lengths}, expected {new_tokens}")
     same = all(out == outputs["transformers"] for out in outputs.values()) if greedy else None
-    return {name: statistics.median(t) for name, t in times.items()} | {"same_tokens": same, "peak": peak}
+    medians = {name: statistics.median(t) for name, t in times.items()}
+    return medians | {"same_tokens": same, "peak": peak, "times": times}
 
 
 def _build_model(args) -> GPT:
@@ -152,8 +161,12 @@ def bench_sample(args: argparse.Namespace) -> int:
     flops_per_token = 2 * model.num_params()  # a forward pass: one multiply-add per weight
     table = Table("batch", "implementation", "tok/s", "ms/step", "vs transformers", "MFU", "peak memory",
                   "same tokens")  # fmt: skip
+    verdicts = []
     for batch in args.batch_sizes:
         r = bench_batch(model, hf_model, prompt, batch, args.new_tokens, args)
+        ours = [f"gpt2lab {mode}" for mode in args.decode]
+        pairs = [("transformers", name) for name in ours] + [(ours[0], name) for name in ours[1:]]
+        verdicts += [f"batch {batch}: " + ratio(r["times"][a], r["times"][b]).describe(a, b) for a, b in pairs]
         same = "-" if r["same_tokens"] is None else ("yes" if r["same_tokens"] else "no")
         theirs = batch * args.new_tokens / r["transformers"]
         for name in [*(f"gpt2lab {mode}" for mode in args.decode), "transformers"]:
@@ -165,4 +178,6 @@ def bench_sample(args: argparse.Namespace) -> int:
                 f"{rate / theirs:.2f}x", mfu, mem, same,
             )  # fmt: skip
     console.print(table)
+    for line in verdicts:  # per-run ratios, interleaved: the spread says whether a gap is real
+        console.print(line)
     return 0

@@ -7,16 +7,20 @@
 from __future__ import annotations
 
 import argparse
+import hashlib
 import re
 from datetime import UTC, datetime
 from pathlib import Path
 
+import numpy as np
 from tqdm import tqdm
 
 from gpt2lab.data.shards import (
+    HEADER_BYTES,
     MANIFEST,
     MANIFEST_FORMAT,
     MANIFEST_VERSION,
+    TOKEN_DTYPE,
     file_sha256,
     open_shard,
     read_header,
@@ -24,11 +28,12 @@ from gpt2lab.data.shards import (
     write_json,
 )
 from gpt2lab.errors import Gpt2LabError
+from gpt2lab.tokenizer import EOT_ID
 
 _SHOWN = {  # the settings that matter for each source
     "shakespeare": ["shard_size"],
     "fineweb-edu": ["shard_size", "val_tokens", "max_tokens"],
-    "files": ["paths", "text_field", "blank_line_docs", "shard_size", "val_tokens", "max_tokens"],
+    "files": ["paths", "text_field", "blank_line_docs", "shard_size", "val_tokens", "val_fraction", "max_tokens"],
     "gutenberg": ["paths", "val_books", "shard_size", "max_tokens"],
 }
 
@@ -51,6 +56,15 @@ def dataset_info(data_dir: str | Path, verify: bool = False) -> dict:
     return manifest
 
 
+def _documents(manifest: dict) -> str:
+    """The document count as the manifest knows it: from prepare, counted at indexing, or unknown."""
+    if "documents" not in manifest:
+        return "document count unknown (indexed before gpt2lab counted them: run `gpt2lab data index` again)"
+    n = manifest["documents"]
+    counted = " (counted as <|endoftext|> tokens)" if manifest.get("documents_counted_by") == "eot" else ""
+    return f"{n:,} document{'' if n == 1 else 's'}{counted}"
+
+
 def info_command(args: argparse.Namespace) -> int:
     manifest = dataset_info(args.dir, verify=args.verify)
     data_dir = Path(args.dir)
@@ -61,9 +75,14 @@ def info_command(args: argparse.Namespace) -> int:
     shown = " ".join(f"{k}={settings[k]}" for k in keys if settings.get(k) not in (None, [], False))
     print(f"source    {manifest['source']}  {shown}")
     print(f"tokenizer {tok.get('name')} (vocab {tok.get('vocab_size')}, <|endoftext|> = {tok.get('eot')})")
-    print(f"created   {manifest.get('created')}, {manifest.get('documents', 0):,} documents")
-    for split, entry in manifest["splits"].items():
-        sizes = [s["tokens"] for s in entry["shards"]]
+    print(f"created   {manifest.get('created')}, {_documents(manifest)}")
+    for split in ("train", "val"):
+        entry = manifest["splits"].get(split, {})
+        sizes = [s["tokens"] for s in entry.get("shards", [])]
+        if not sizes:
+            why = "val loss is unavailable when training on it" if split == "val" else "nothing to train on"
+            print(f"{split:<9} {'none':>15}  ({why})")
+            continue
         each = f"{min(sizes):,} to {max(sizes):,} tokens each"
         print(f"{split:<9} {entry['tokens']:>15,} tokens in {len(sizes)} shard(s) ({each})")
     listed = {s["file"] for e in manifest["splits"].values() for s in e["shards"]}
@@ -87,6 +106,7 @@ def index_folder(data_dir: str | Path) -> dict:
     if not data_dir.is_dir():
         raise Gpt2LabError(f"folder {data_dir} does not exist")
     splits: dict[str, dict] = {}
+    documents = 0
     for path in sorted(data_dir.glob("*.bin")):
         match = _SPLIT_RE.search(path.stem)
         if match is None:
@@ -94,9 +114,11 @@ def index_folder(data_dir: str | Path) -> dict:
                 f"{path}: cannot tell its split (expected 'train' or 'val' in the name, as llm.c writes)"
             )
         n = read_header(path)
+        sha, eots = _scan_shard(path)
+        documents += eots
         entry = splits.setdefault(match.group(1), {"tokens": 0, "shards": []})
         entry["tokens"] += n
-        entry["shards"].append({"file": path.name, "tokens": n, "sha256": file_sha256(path)})
+        entry["shards"].append({"file": path.name, "tokens": n, "sha256": sha})
     if not splits:
         raise Gpt2LabError(f"folder {data_dir} holds no .bin shards")
     manifest = {
@@ -106,10 +128,24 @@ def index_folder(data_dir: str | Path) -> dict:
         "settings": {},
         "tokenizer": {"name": "gpt2", "vocab_size": 50257, "eot": 50256},
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "documents": documents,
+        "documents_counted_by": "eot",  # llm.c's scripts start every document with <|endoftext|>
         "splits": splits,
     }
     write_json(data_dir / MANIFEST, manifest)
     return manifest
+
+
+def _scan_shard(path: Path) -> tuple[str, int]:
+    """A shard file's sha256 and its number of <|endoftext|> tokens, in one read of the file."""
+    h, eots = hashlib.sha256(), 0
+    with open(path, "rb") as f:
+        header = f.read(HEADER_BYTES)
+        h.update(header)
+        while chunk := f.read(1 << 24):  # an even size: chunks hold whole uint16 tokens
+            h.update(chunk)
+            eots += int(np.count_nonzero(np.frombuffer(chunk, dtype=TOKEN_DTYPE) == EOT_ID))
+    return h.hexdigest(), eots
 
 
 def index_command(args: argparse.Namespace) -> int:

@@ -25,6 +25,7 @@ import torch
 
 from gpt2lab.data.shards import open_shard, read_header, read_manifest, split_shards
 from gpt2lab.errors import Gpt2LabError
+from gpt2lab.hardware import pin_memory
 
 _MAX_OPEN_SHARDS = 8  # memmaps kept open at once; a batch spans at most a couple of shards
 
@@ -147,7 +148,7 @@ class ShardLoader:
         self.batch += 1
         x = torch.from_numpy(buf[:, :-1].astype(np.int64))  # (B, T), contiguous copies
         y = torch.from_numpy(buf[:, 1:].astype(np.int64))
-        if self.device.type == "cuda":  # pinned host memory lets the copy overlap with compute
+        if pin_memory(self.device):  # pinned host memory lets the copy overlap with compute (gpt2lab.hardware)
             return x.pin_memory().to(self.device, non_blocking=True), y.pin_memory().to(self.device, non_blocking=True)
         return x.to(self.device), y.to(self.device)
 
@@ -179,3 +180,35 @@ class ShardLoader:
                     f"now {mine[key]!r} (an exact resume needs the same data, batch layout and seed)"
                 )
         self.epoch, self.batch = int(state["epoch"]), int(state["batch"])
+
+
+def open_val_loader(
+    data_dir: str | Path,
+    batch_size: int,
+    seq_len: int,
+    *,
+    rank: int = 0,
+    world_size: int = 1,
+    device: str | torch.device = "cpu",
+) -> tuple[ShardLoader | None, str]:
+    """The val split's loader for evaluation during training, or (None, why val loss is unavailable).
+
+    A small corpus may have no val split, or one shorter than a training batch: then the val batch
+    is made as large as the split allows (down to one sequence per rank), so it still gets a val loss.
+    """
+    data_dir = Path(data_dir)
+    manifest = read_manifest(data_dir)
+    shards = manifest.get("splits", {}).get("val", {}).get("shards", [])
+    if not shards:
+        return None, f"{data_dir} has no val split"
+    chunks = sum(max(int(s["tokens"]) - 1, 0) // seq_len for s in shards)  # as ShardLoader counts them
+    rows = min(batch_size, chunks // world_size)
+    if rows == 0:
+        tokens = sum(int(s["tokens"]) for s in shards)
+        return None, (
+            f"the val split of {data_dir} holds {tokens:,} tokens, fewer than one sequence of {seq_len} + 1 "
+            f"per rank ({world_size} rank(s))"
+        )
+    loader = ShardLoader(data_dir, "val", rows, seq_len, rank=rank, world_size=world_size, shuffle=False, device=device)
+    note = "" if rows == batch_size else f"val batches of {rows} sequences (the val split is small)"
+    return loader, note

@@ -3,25 +3,37 @@
 The pipeline, as llm.c's ``dev/data/fineweb.py`` but resumable and with bounded memory:
 - the source's documents are grouped into tasks of a few hundred KB and tokenized by a pool of
   worker processes; results come back in document order, and at most ``2 * workers + 2`` tasks are
-  in flight, so a corpus of any size streams through in bounded memory;
+  in flight, so a corpus of any size streams through in bounded memory. Workers load the tokenizer
+  from the files the main process used, so they start the same under fork, spawn or forkserver;
 - every document becomes ``[<|endoftext|>] + encode_ordinary(text)``;
 - each split fills shards of exactly ``shard_size`` tokens (a document may continue in the next
-  shard); the last shard of a split is partial; with a plain stream (no split from the source) the
-  first ``val_tokens`` tokens, in whole documents, form the single shard ``val_000000.bin``;
+  shard); the last shard of a split is partial;
+- a plain stream (no split from the source) gives its first tokens to the single shard
+  ``val_000000.bin``: with ``val_tokens`` alone, the whole documents that start before token
+  ``val_tokens``; with ``val_fraction`` too (``files`` by default), about
+  ``min(val_tokens, val_fraction * corpus)``. The corpus size is learnt by holding the documents back
+  (at most ``val_tokens / val_fraction`` tokens, 20 MB) until either that many tokens have come or the
+  stream ends; then the cut falls between whole documents when that lands within twice the target,
+  else inside a document (one big .txt, as nanoGPT's 90/10). A corpus too small for a val split of
+  ``MIN_VAL_TOKENS`` is prepared as train only, with a warning;
 - so the shards are a deterministic function of the document stream and the settings. Each shard
   is written under a temporary name and renamed, then ``prepare_state.json`` records it with the
   stream position where the next shard of its split begins. A rerun of the same command skips the
   documents already in complete shards (without tokenizing them) and produces byte-identical shards;
-- ``manifest.json`` is written last: a folder with a manifest is complete.
+- the output folder is created with the first shard, so a run that fails before (no files match,
+  the hub unreachable, a bad input line) leaves nothing behind; ``manifest.json`` is written last:
+  a folder with a manifest is complete.
 """
 
 from __future__ import annotations
 
 import argparse
-import functools
+import itertools
 import json
+import multiprocessing
 import os
 import signal
+import sys
 import time
 from collections import deque
 from collections.abc import Iterator
@@ -43,12 +55,15 @@ from gpt2lab.data.shards import (
     write_json,
     write_shard,
 )
-from gpt2lab.data.sources import SourceOptions, get_source, mirror_dir
+from gpt2lab.data.sources import SourceOptions, get_source
 from gpt2lab.errors import Gpt2LabError
-from gpt2lab.tokenizer import EOT_ID, VOCAB_SIZE, get_tokenizer
+from gpt2lab.mirror import mirror_dir
+from gpt2lab.tokenizer import EOT_ID, VOCAB_SIZE, Tokenizer, get_tokenizer, load_files
 
 STATE = "prepare_state.json"
 TASK_DOCS, TASK_CHARS = 512, 1 << 18  # a task: up to 512 documents or 256K characters
+FILES_VAL_TOKENS, FILES_VAL_FRACTION = 1_000_000, 0.1  # `files` default: val is min(1M tokens, ~10% of the corpus)
+MIN_VAL_TOKENS = 2  # one (input, target) pair; a corpus whose val share is smaller has no val split
 
 
 @dataclass
@@ -63,29 +78,53 @@ class Settings:
     text_field: str = "text"
     blank_line_docs: bool = False
     val_books: int = 4
+    val_fraction: float | None = None  # plain streams: val is at most this share of the corpus (see above)
+
+
+def _same_settings(saved: dict | None, settings: Settings) -> bool:
+    """Whether recorded settings are these (a record from before a field existed has that field's default)."""
+    try:
+        return Settings(**(saved or {})) == settings
+    except TypeError:  # a field this version does not know
+        return False
 
 
 # ----------------------------------------------------------------------------- tokenization workers
 
 
-@functools.cache
-def load_tokenizer():
-    """The GPT-2 tokenizer, loaded once per process (parsing the BPE files takes ~0.3 s)."""
-    return get_tokenizer()
+_ENC = None  # this process's tiktoken Encoding, set by _use_tokenizer
+_LOADED: dict = {}  # tokenizer files -> Encoding; a forked worker finds the parent's here and skips the 0.3 s parse
 
 
-_ENC = None  # the worker's tiktoken Encoding
+def load_tokenizer(mirror: str | Path | None = None) -> Tokenizer:
+    """The GPT-2 tokenizer (from the mirror, tiktoken's cache or the web), loaded once per process."""
+    key = ("lookup", str(mirror_dir(mirror)))
+    if key not in _LOADED:
+        _LOADED[key] = get_tokenizer(mirror=mirror)
+    return _LOADED[key]
 
 
-def _init_worker(tokenizer_folder: str | None) -> None:
+def _worker_files(tok: Tokenizer) -> tuple[str, str] | None:
+    """The files a worker loads the tokenizer from (picklable), registered so forked workers reuse ``tok``."""
+    if not tok.files:
+        return None  # tiktoken without a cache: each worker does the same lookup
+    files = (str(tok.files[0]), str(tok.files[1]))
+    _LOADED.setdefault(files, tok.enc)
+    return files
+
+
+def _use_tokenizer(files: tuple[str, str] | None) -> None:
+    """Make ``files`` (None: the default lookup) this process's tokenizer for ``encode_documents``."""
     global _ENC
-    if _ENC is None:  # a forked worker inherits the parent's; a spawned one loads its own
-        _ENC = get_tokenizer(tokenizer_folder).enc
+    if files not in _LOADED:
+        _LOADED[files] = (load_files(*files) if files else get_tokenizer()).enc
+    _ENC = _LOADED[files]
 
 
-def _start_worker(tokenizer_folder: str | None) -> None:
+def _start_worker(files: tuple[str, str] | None) -> None:
+    """Pool initializer: a module-level function with picklable arguments, as spawn requires."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's to handle (it stops the pool)
-    _init_worker(tokenizer_folder)
+    _use_tokenizer(files)
 
 
 def encode_documents(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
@@ -115,14 +154,24 @@ def _tasks(docs: Iterator[tuple[int, str | None, str]]) -> Iterator[tuple[list[i
         yield idx, splits, texts
 
 
-def tokenize_stream(docs: Iterator[tuple[int, str | None, str]], workers: int, tokenizer_folder: str | None):
-    """Yield (indices, splits, tokens, lengths) per task, in document order, with bounded look-ahead."""
+def tokenize_stream(
+    docs: Iterator[tuple[int, str | None, str]],
+    workers: int,
+    files: tuple[str, str] | None,
+    start_method: str | None = None,
+):
+    """Yield (indices, splits, tokens, lengths) per task, in document order, with bounded look-ahead.
+
+    ``start_method`` picks how worker processes start ("fork", "spawn", "forkserver"; None: the platform's
+    default, spawn on macOS and Windows).
+    """
     if workers <= 1:  # in-process: no pickling, the honest single-core baseline
-        _init_worker(tokenizer_folder)
+        _use_tokenizer(files)
         for idx, splits, texts in _tasks(docs):
             yield idx, splits, *encode_documents(texts)
         return
-    pool = ProcessPoolExecutor(workers, initializer=_start_worker, initargs=(tokenizer_folder,))
+    context = multiprocessing.get_context(start_method)
+    pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_start_worker, initargs=(files,))
     pending: deque = deque()
     try:
         for idx, splits, texts in _tasks(docs):
@@ -176,6 +225,7 @@ class SplitWriter:
         """Write the buffered tokens as the split's next shard (nothing when empty)."""
         if self.fill:
             name = shard_name(self.split, len(self.shards))
+            self.out.mkdir(parents=True, exist_ok=True)  # created with the first shard: a failed start leaves none
             sha = write_shard(self.out / name, np.concatenate(self.parts))
             self.shards.append({"file": name, "tokens": self.fill, "sha256": sha})
             self.parts, self.fill = [], 0
@@ -184,6 +234,82 @@ class SplitWriter:
 
     def state(self) -> dict:
         return {"shards": self.shards, "next": [self.resume_doc, self.resume_offset, self.resume_total]}
+
+
+# ----------------------------------------------------------------------------- the val split of a plain stream
+
+
+class PlainStream:
+    """Routes a plain stream's documents: the first ones (up to ``val_end``) to val, the rest to train.
+
+    ``val_end = [doc, offset]``: the val split holds every token before token ``offset`` of document ``doc``.
+    """
+
+    def __init__(self, settings: Settings, writers: dict[str, SplitWriter], val_end: list[int] | None, on_shard):
+        self.settings, self.writers, self.on_shard = settings, writers, on_shard
+        self.val_end = val_end
+        self.pending: list[tuple[int, np.ndarray, int]] = []  # (doc, tokens, tokens before it), held back
+        if settings.val_fraction:
+            self.hold_until = int(settings.val_tokens / settings.val_fraction)  # from here val is val_tokens
+        if val_end is None:
+            writers["val"].shard_size = None  # the val split is one shard, flushed at val_end
+
+    def add(self, doc: int, tokens: np.ndarray, total_before: int) -> None:
+        if self.val_end is not None:
+            self._route(doc, tokens, total_before)
+        elif not self.settings.val_fraction:  # a fixed val size: whole documents up to val_tokens
+            if total_before >= self.settings.val_tokens:
+                self._set_val_end(doc, 0, total_before)
+                self._route(doc, tokens, total_before)
+            else:
+                self.writers["val"].add(tokens, doc, total_before, self.on_shard)
+        else:
+            self.pending.append((doc, tokens, total_before))
+            if total_before + len(tokens) >= self.hold_until:
+                self._release(self.settings.val_tokens)
+
+    def finish(self, total: int) -> None:
+        """The stream ended: a corpus still held back is smaller than ``hold_until``; val is its fraction."""
+        if self.pending:
+            self._release(int(total * self.settings.val_fraction))
+
+    def _release(self, target: int) -> None:
+        """Fix val_end for a val split of about ``target`` tokens, then route the held-back documents."""
+        self._set_val_end(*self._boundary(target))
+        pending, self.pending = self.pending, []
+        for doc, tokens, total_before in pending:
+            self._route(doc, tokens, total_before)
+
+    def _boundary(self, target: int) -> tuple[int, int, int]:
+        """(doc, offset, tokens before doc) where val ends: whole documents if within 2x target, else a cut."""
+        if target < MIN_VAL_TOKENS:
+            doc, _, total_before = self.pending[0]
+            return doc, 0, total_before  # no val split
+        for doc, _, total_before in self.pending:
+            if total_before >= target:  # the documents before this one hold at least target tokens
+                if total_before <= 2 * target:
+                    return doc, 0, total_before
+                break
+        for doc, tokens, total_before in self.pending:  # few, long documents: cut inside the one holding token target
+            if total_before + len(tokens) > target:
+                return doc, target - total_before, total_before
+        raise AssertionError("a val target beyond the held-back tokens")  # target < total by construction
+
+    def _set_val_end(self, doc: int, offset: int, total_before: int) -> None:
+        self.val_end = [doc, offset]
+        train = self.writers["train"]
+        if offset and not train.shards:  # train begins inside this document: its writer skips the val part
+            train.resume_doc, train.resume_offset, train.resume_total = doc, offset, total_before
+
+    def _route(self, doc: int, tokens: np.ndarray, total_before: int) -> None:
+        val_doc, offset = self.val_end
+        if doc < val_doc:
+            self.writers["val"].add(tokens, doc, total_before, self.on_shard)
+            return
+        if doc == val_doc:  # the val split is complete here
+            self.writers["val"].add(tokens[:offset], doc, total_before, self.on_shard)
+            self.writers["val"].flush((doc, offset, total_before), self.on_shard)
+        self.writers["train"].add(tokens, doc, total_before, self.on_shard)
 
 
 # ----------------------------------------------------------------------------- the run
@@ -195,7 +321,7 @@ def _load_state(out: Path, settings: Settings) -> dict:
     if not (out / STATE).is_file():
         return fresh
     state = json.loads((out / STATE).read_text())
-    if state.get("settings") != asdict(settings):
+    if not _same_settings(state.get("settings"), settings):
         raise Gpt2LabError(
             f"{out} holds an unfinished prepare run with other settings ({state.get('settings')}); "
             "run it with those settings to finish, or delete the folder / choose another --out"
@@ -204,6 +330,8 @@ def _load_state(out: Path, settings: Settings) -> dict:
         for shard in saved["shards"]:
             if read_header(out / shard["file"]) != shard["tokens"]:
                 raise Gpt2LabError(f"{out / shard['file']} does not match {out / STATE}; delete {out} and start over")
+    if isinstance(state["val_end"], int):  # written by an earlier version: a document index
+        state["val_end"] = [state["val_end"], 0]
     return state
 
 
@@ -221,6 +349,65 @@ def _documents(
         yield i, split, text
 
 
+def _checked_documents(settings: Settings, opts: SourceOptions, start: int, writers: dict):
+    """The documents, with the first one already read: the source's own checks (globs that match nothing,
+    an unreachable hub, a missing mirror file) fail here, before a progress bar or a folder appears."""
+    docs = _documents(settings, opts, start, writers)
+    first = next(docs, None)
+    return docs if first is None else itertools.chain([first], docs)
+
+
+class _Run:
+    """The split writers of one run and the router of a plain stream; the run state is saved after each shard."""
+
+    def __init__(self, out: Path, settings: Settings, state: dict):
+        self.out, self.settings = out, settings
+        self.writers = {s: SplitWriter(out, s, settings.shard_size, state["splits"].get(s)) for s in ("train", "val")}
+        has_val_cut = settings.val_tokens is not None
+        self.plain = PlainStream(settings, self.writers, state["val_end"], self.save_state) if has_val_cut else None
+
+    def save_state(self) -> None:
+        splits = {s: w.state() for s, w in self.writers.items()}
+        val_end = self.plain.val_end if self.plain else None
+        write_json(self.out / STATE, {"settings": asdict(self.settings), "splits": splits, "val_end": val_end})
+
+    def add(self, doc: int, split: str | None, tokens: np.ndarray, total_before: int) -> None:
+        if split is None:
+            self.plain.add(doc, tokens, total_before)
+        else:
+            self.writers[split].add(tokens, doc, total_before, self.save_state)
+
+    def finish(self, num_docs: int, total: int) -> None:
+        """The stream has ended: write what is left in every split."""
+        if self.plain:
+            self.plain.finish(total)
+        for w in self.writers.values():
+            w.flush((num_docs, 0, total), self.save_state)
+
+
+def _consume(stream, run: _Run, bar: tqdm, start: int, total: int) -> tuple[int, int]:
+    """Feed tokenized documents to the writers until the stream or --max-tokens ends; (documents, tokens)."""
+    max_tokens = run.settings.max_tokens
+    num_docs, t0, total0 = start, time.time(), total
+    for idx, splits, tokens, lengths in stream:
+        pos = 0
+        for doc, split, n in zip(idx, splits, lengths.tolist()):
+            doc_tokens, pos = tokens[pos : pos + n], pos + n
+            if max_tokens is not None:
+                doc_tokens = doc_tokens[: max(max_tokens - total, 0)]
+            run.add(doc, split, doc_tokens, total)
+            total += len(doc_tokens)
+            num_docs = doc + 1
+            if max_tokens is not None and total >= max_tokens:
+                break
+        bar.update(num_docs - bar.n)  # documents read, as the manifest counts them (also with --max-tokens)
+        rate = (total - total0) / max(time.time() - t0, 1e-9)
+        bar.set_postfix_str(f"{total:,} tokens, {rate:,.0f} tok/s", refresh=False)
+        if max_tokens is not None and total >= max_tokens:
+            break
+    return num_docs, total
+
+
 def prepare(
     settings: Settings,
     out: str | Path,
@@ -228,92 +415,71 @@ def prepare(
     mirror: str | Path | None = None,
     workers: int | None = None,
     quiet: bool = False,
+    start_method: str | None = None,
 ) -> dict:
-    """Tokenize a source into shards under ``out``; resume an unfinished run; return the manifest."""
+    """Tokenize a source into shards under ``out``; resume an unfinished run; return the manifest.
+
+    ``start_method``: how tokenizer worker processes start (None: the platform's default; see tokenize_stream).
+    """
     out = Path(out)
     if (out / MANIFEST).is_file():
         manifest = json.loads((out / MANIFEST).read_text())
-        if manifest.get("settings") != asdict(settings):
+        if not _same_settings(manifest.get("settings"), settings):
             raise Gpt2LabError(f"{out} already holds a dataset prepared with other settings; choose another --out")
         if not quiet:
             print(f"{out} is already complete ({MANIFEST} exists); nothing to do")
         return manifest
-    if settings.shard_size < 1:
-        raise Gpt2LabError(f"--shard-size must be positive, got {settings.shard_size}")
-    out.mkdir(parents=True, exist_ok=True)
-    state = _load_state(out, settings)
+    _check_settings(settings)
+    run = _Run(out, settings, _load_state(out, settings))
     opts = SourceOptions(
         mirror_dir(mirror), settings.paths, settings.text_field, settings.blank_line_docs, settings.val_books
     )
-    global _ENC
-    tok = load_tokenizer()
-    _ENC = tok.enc  # loaded once here: forked workers and the in-process path reuse it
-    tok_folder = str(tok.files[0].parent) if tok.files and tok.files[0].name == "encoder.json" else None
-    workers = workers or os.cpu_count() or 1
-
-    writers = {s: SplitWriter(out, s, settings.shard_size, state["splits"].get(s)) for s in ("train", "val")}
-    val_end = state["val_end"]  # plain stream: the first document that goes to train
-    if settings.val_tokens is not None and val_end is None:
-        writers["val"].shard_size = None  # the val split is one shard of whole documents
-    start, total = min((w.resume_doc, w.resume_total) for w in writers.values())
+    start, total = min((w.resume_doc, w.resume_total) for w in run.writers.values())
+    docs = _checked_documents(settings, opts, start, run.writers)
+    files = _worker_files(load_tokenizer(mirror))
     if start and not quiet:
-        done = sum(len(w.shards) for w in writers.values())
+        done = sum(len(w.shards) for w in run.writers.values())
         print(f"resuming {out}: {done} shard(s) complete, continuing from document {start:,}")
-
-    def save_state() -> None:
-        write_json(
-            out / STATE,
-            {"settings": asdict(settings), "splits": {s: w.state() for s, w in writers.items()}, "val_end": val_end},
-        )
-
-    num_docs, t0, total0 = start, time.time(), total
     bar = tqdm(desc=f"prepare {settings.source}", unit=" docs", initial=start, dynamic_ncols=True, disable=quiet)
-    stream = tokenize_stream(_documents(settings, opts, start, writers), workers, tok_folder)
+    stream = tokenize_stream(docs, workers or os.cpu_count() or 1, files, start_method)
     try:
-        for idx, splits, tokens, lengths in stream:
-            pos = 0
-            for doc, split, n in zip(idx, splits, lengths.tolist()):
-                doc_tokens, pos = tokens[pos : pos + n], pos + n
-                if settings.max_tokens is not None:
-                    doc_tokens = doc_tokens[: max(settings.max_tokens - total, 0)]
-                if split is None:  # plain stream: whole documents to val until val_tokens is reached
-                    if val_end is None and total >= settings.val_tokens:
-                        val_end = doc
-                        writers["val"].flush((doc, 0, total), save_state)
-                    split = "val" if val_end is None or doc < val_end else "train"
-                writers[split].add(doc_tokens, doc, total, save_state)
-                total += len(doc_tokens)
-                num_docs = doc + 1
-                if settings.max_tokens is not None and total >= settings.max_tokens:
-                    break
-            bar.update(len(idx))
-            rate = (total - total0) / max(time.time() - t0, 1e-9)
-            bar.set_postfix_str(f"{total:,} tokens, {rate:,.0f} tok/s", refresh=False)
-            if settings.max_tokens is not None and total >= settings.max_tokens:
-                break
+        num_docs, total = _consume(stream, run, bar, start, total)
     finally:
         stream.close()  # stops the worker pool, also on an error
         bar.close()
-    end = (num_docs, 0, total)
-    for w in writers.values():
-        w.flush(end, save_state)
-    return _finish(out, settings, writers, num_docs, quiet)
+    run.finish(num_docs, total)
+    return _finish(out, settings, run.writers, num_docs, quiet)
+
+
+def _check_settings(settings: Settings) -> None:
+    if settings.shard_size < 1:
+        raise Gpt2LabError(f"--shard-size must be positive, got {settings.shard_size}")
+    if settings.val_tokens is not None and settings.val_tokens < 0:
+        raise Gpt2LabError(f"--val-tokens must be 0 or more, got {settings.val_tokens}")
+    if settings.max_tokens is not None and settings.max_tokens < 1:
+        raise Gpt2LabError(f"--max-tokens must be positive, got {settings.max_tokens}")
 
 
 def _finish(out: Path, settings: Settings, writers: dict[str, SplitWriter], num_docs: int, quiet: bool) -> dict:
-    """Check that both splits have tokens, then write the manifest (last) and drop the run state."""
+    """Check that train has tokens, then write the manifest (last) and drop the run state."""
     counts = {s: sum(sh["tokens"] for sh in w.shards) for s, w in writers.items()}
-    if num_docs == 0 or sum(counts.values()) == 0:
+    total = sum(counts.values())
+    if num_docs == 0 or total == 0:
         raise Gpt2LabError(f"source '{settings.source}' produced no documents {settings.paths or ''}".rstrip())
-    for split, n in counts.items():
-        if n == 0:
-            hint = (
-                f"; delete {out} and run again with a lower --val-tokens (now {settings.val_tokens:,})"
-                if settings.val_tokens and split == "train"
-                else ""
-            )
-            total = sum(counts.values())
-            raise Gpt2LabError(f"source '{settings.source}' gave the {split} split no tokens ({total:,} in all){hint}")
+    if counts["train"] == 0:
+        hint = f"; delete {out} and run again with a lower --val-tokens (now {settings.val_tokens:,})"
+        raise Gpt2LabError(
+            f"source '{settings.source}' gave the train split no tokens ({total:,} in all)"
+            + (hint if settings.val_tokens else "")
+        )
+    if counts["val"] == 0:
+        why = "--val-tokens 0" if settings.val_tokens == 0 else f"{total:,} tokens are too few to hold some out"
+        print(
+            f"warning: {out} has no val split ({why}); all tokens are train, and val loss will be unavailable "
+            "when training on it",
+            file=sys.stderr,
+        )
+    splits = {s: {"tokens": counts[s], "shards": w.shards} for s, w in writers.items() if counts[s]}
     manifest = {
         "format": MANIFEST_FORMAT,
         "format_version": MANIFEST_VERSION,
@@ -323,32 +489,31 @@ def _finish(out: Path, settings: Settings, writers: dict[str, SplitWriter], num_
         "shard_format": {"header_int32": 256, "magic": 20240520, "version": 1, "dtype": "uint16"},
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "documents": num_docs,
-        "splits": {s: {"tokens": counts[s], "shards": w.shards} for s, w in writers.items()},
+        "splits": splits,
     }
     write_json(out / MANIFEST, manifest)
     (out / STATE).unlink(missing_ok=True)
     if not quiet:
-        done = ", ".join(f"{s} {counts[s]:,} tokens in {len(w.shards)} shard(s)" for s, w in writers.items())
+        done = ", ".join(f"{s} {e['tokens']:,} tokens in {len(e['shards'])} shard(s)" for s, e in splits.items())
         print(f"wrote {out}: {done}")
     return manifest
 
 
+def val_settings(source: str, val_tokens: int | None, shard_size: int) -> tuple[int | None, float | None]:
+    """(val_tokens, val_fraction) for a source: the user's --val-tokens exactly, else the source's default."""
+    if source not in ("fineweb-edu", "files"):
+        return None, None  # the source splits itself
+    if val_tokens is not None:
+        return val_tokens, None
+    if source == "fineweb-edu":
+        return shard_size, None  # the reference reproduction's first shard
+    return FILES_VAL_TOKENS, FILES_VAL_FRACTION
+
+
 def prepare_command(args: argparse.Namespace) -> int:
     """CLI entry: build the settings from the parsed arguments and run ``prepare``."""
-    source = get_source(args.source)
-    stream = args.source in ("fineweb-edu", "files")
-    shard_size = args.shard_size or source.shard_size
-    val_tokens = (
-        (
-            args.val_tokens
-            if args.val_tokens is not None
-            else min(shard_size, 1_000_000)
-            if args.source == "files"
-            else shard_size
-        )
-        if stream
-        else None
-    )
+    shard_size = args.shard_size or get_source(args.source).shard_size
+    val_tokens, val_fraction = val_settings(args.source, args.val_tokens, shard_size)
     settings = Settings(
         source=args.source,
         shard_size=shard_size,
@@ -358,6 +523,7 @@ def prepare_command(args: argparse.Namespace) -> int:
         text_field=args.text_field,
         blank_line_docs=args.blank_line_docs,
         val_books=args.val_books,
+        val_fraction=val_fraction,
     )
     prepare(settings, args.out or f"data/{args.source}", mirror=args.mirror, workers=args.workers)
     return 0

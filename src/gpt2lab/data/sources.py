@@ -2,13 +2,14 @@
 
 A source yields ``(split, text)`` in a fixed, deterministic order. ``split`` is ``"train"`` or
 ``"val"`` when the source decides it (Shakespeare's 90/10 cut, Gutenberg's held-out books) and
-``None`` for a plain stream, where ``prepare`` puts the first ``val_tokens`` tokens (whole
-documents) into the val split, as the reference FineWeb-Edu reproduction uses its first shard.
+``None`` for a plain stream, where ``prepare`` puts the first tokens of the stream into the val
+split (see ``prepare.py``), as the reference FineWeb-Edu reproduction uses its first shard.
 
 Offline, every source reads from a mirror folder laid out like ../shared/data (``--mirror`` or
-``$GPT2LAB_MIRROR``): ``tinyshakespeare/input.txt``, ``corpus_gutenberg/texts/**.txt`` and
-``fineweb-edu/**.parquet|jsonl``. Online, Shakespeare comes from its canonical URL and FineWeb-Edu
-from the Hugging Face hub (``datasets`` streaming, imported only here and only then).
+``$GPT2LAB_MIRROR``, looked up by ``gpt2lab.mirror``): ``tinyshakespeare/input.txt``,
+``corpus_gutenberg/texts/**.txt`` and ``fineweb-edu/**.parquet|jsonl``. Online, Shakespeare
+comes from its canonical URL and FineWeb-Edu from the Hugging Face hub (``datasets`` streaming,
+imported only here and only then, after a short probe so that an offline machine fails at once).
 Adding a dataset is one ``@register`` function.
 """
 
@@ -19,6 +20,7 @@ import hashlib
 import json
 import os
 import re
+import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -69,17 +71,6 @@ def get_source(name: str) -> Source:
     if name not in SOURCES:
         raise Gpt2LabError(f"unknown data source '{name}' (known: {', '.join(SOURCES)})")
     return SOURCES[name]
-
-
-def mirror_dir(flag: str | Path | None = None) -> Path | None:
-    """The offline mirror: the --mirror flag, else $GPT2LAB_MIRROR, else None (online)."""
-    value = flag or os.environ.get("GPT2LAB_MIRROR")
-    if not value:
-        return None
-    path = Path(value).expanduser()
-    if not path.is_dir():
-        raise Gpt2LabError(f"data mirror folder {path} does not exist (set by --mirror or GPT2LAB_MIRROR)")
-    return path
 
 
 # ----------------------------------------------------------------------------- readers for local files
@@ -188,6 +179,26 @@ def shakespeare(opts: SourceOptions) -> Iterator[Document]:
     yield "val", text[n:]
 
 
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def hub_unreachable(timeout: float = 3.0) -> str | None:
+    """Why the Hugging Face hub cannot be used now (offline mode set, or one short probe fails), else None."""
+    for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
+        if _env_flag(var):
+            return f"{var}={os.environ[var]} is set"
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
+    try:
+        with urllib.request.urlopen(urllib.request.Request(endpoint, method="HEAD"), timeout=timeout):
+            pass
+    except urllib.error.HTTPError:
+        return None  # the hub answered, if only with an error status: it is reachable
+    except (OSError, ValueError) as e:  # no route, DNS failure, refused, timed out, a malformed HF_ENDPOINT
+        return f"{endpoint} does not answer: {getattr(e, 'reason', e)}"
+    return None
+
+
 @register("fineweb-edu", "HuggingFaceFW/fineweb-edu sample-10BT (streamed; offline: MIRROR/fineweb-edu)", 100_000_000)
 def fineweb_edu(opts: SourceOptions) -> Iterator[Document]:
     local_dir = opts.mirror / "fineweb-edu" if opts.mirror else None
@@ -200,6 +211,13 @@ def fineweb_edu(opts: SourceOptions) -> Iterator[Document]:
         for path in local:  # the same rows the hub stream gives, read from downloaded files
             yield from ((None, t) for t in file_texts(path, opts.text_field))
         return
+    offline = hub_unreachable()
+    if offline:  # fail at once: the hub client would retry for half a minute, printing each attempt
+        where = f"{local_dir} holds no .parquet/.jsonl files and " if local_dir else ""
+        raise Gpt2LabError(
+            f"FineWeb-Edu: {where}the Hugging Face hub cannot be reached ({offline}); offline, use --mirror DIR "
+            "with the dataset's parquet files in DIR/fineweb-edu/, or `gpt2lab data prepare files 'DIR/*.parquet'`"
+        )
     try:
         import datasets
 
@@ -216,7 +234,7 @@ def fineweb_edu(opts: SourceOptions) -> Iterator[Document]:
         ) from e
 
 
-@register("files", "local .txt/.jsonl/.parquet files by glob (first --val-tokens tokens are val)", 10_000_000)
+@register("files", "local .txt/.jsonl/.parquet files by glob (val: the first ~10%, at most 1M tokens)", 10_000_000)
 def files(opts: SourceOptions) -> Iterator[Document]:
     if not opts.paths:
         raise Gpt2LabError("the 'files' source needs at least one glob pattern, e.g. 'corpus/*.jsonl'")

@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +28,7 @@ from tqdm import tqdm
 
 from gpt2lab.data.sources import iter_jsonl
 from gpt2lab.errors import Gpt2LabError
+from gpt2lab.mirror import mirror_file as mirror_file  # the evaluations' files in the offline mirror
 from gpt2lab.model import GPT
 from gpt2lab.tokenizer import EOT_ID
 
@@ -158,14 +158,6 @@ def perplexity(total_loss: float, count: float) -> float:
 
 
 # ----------------------------------------------------------------------------- files and output
-
-
-def mirror_file(relative: str) -> Path | None:
-    """A file of the offline data mirror ($GPT2LAB_MIRROR), if the mirror is set and has it."""
-    mirror = os.environ.get("GPT2LAB_MIRROR")
-    if mirror and (Path(mirror) / relative).is_file():
-        return Path(mirror) / relative
-    return None
 
 
 def read_jsonl(path: str | Path) -> list[tuple[int, dict]]:

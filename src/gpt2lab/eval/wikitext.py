@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import math
 import re
+import sys
 from pathlib import Path
 
 import torch
@@ -124,6 +125,9 @@ def evaluate_ids(
     context = context or block_size
     if context > block_size:
         raise Gpt2LabError(f"context {context} exceeds the model's block size {block_size}")
+    if stride > context and rank == 0:  # a window can only advance by its own length; say so, once
+        print(f"notice: stride {stride} is longer than the {context}-token window; using stride {context}",
+              file=sys.stderr, flush=True)  # fmt: skip
     mine = shard(windows(ids, eot, context, min(stride, context)), rank, world_size)
     sums = {"nll": 0.0, "tokens": 0.0}
     if mine:
