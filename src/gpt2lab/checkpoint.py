@@ -26,6 +26,11 @@ FORMAT_VERSION = 1
 TIED_KEYS = ("lm_head.weight",)  # the same tensor as transformer.wte.weight
 
 
+def tied_keys(model: GPT) -> tuple[str, ...]:
+    """The state-dict keys that are another key's tensor (stored once): the tied LM head, if tied."""
+    return TIED_KEYS if model.config.tie_embeddings else ()
+
+
 def read_json(path: Path) -> dict:
     """A JSON object from a file, or one clear error naming the file."""
     try:
@@ -82,7 +87,8 @@ def save_model(model: GPT, folder: str | Path, extra: dict | None = None) -> Pat
     """Write weights and config into folder (created if needed); return the folder."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items() if k not in TIED_KEYS}
+    tied = tied_keys(model)
+    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items() if k not in tied}
     save_tensors(state, folder / WEIGHTS_NAME, metadata={"format": "pt"})
     config = {"format": FORMAT, "format_version": FORMAT_VERSION, "model": model.config.to_dict(), **(extra or {})}
     (folder / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
@@ -116,15 +122,17 @@ def empty_model(config: GPTConfig) -> GPT:
     with torch.device("meta"):
         model = GPT(config)
     model = model.to_empty(device="cpu")
-    model.transformer.wte.weight = model.lm_head.weight  # keep the tie explicit after to_empty
+    if config.tie_embeddings:
+        model.transformer.wte.weight = model.lm_head.weight  # keep the tie explicit after to_empty
     return model
 
 
 def check_and_load(model: GPT, state: dict[str, torch.Tensor], source: Path) -> None:
     """Load state into model after checking keys and shapes; errors name the source file."""
-    expected = {k: v.shape for k, v in model.state_dict().items() if k not in TIED_KEYS}
+    tied = tied_keys(model)
+    expected = {k: v.shape for k, v in model.state_dict().items() if k not in tied}
     missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected) - set(TIED_KEYS))
+    unexpected = sorted(set(state) - set(expected) - set(tied))
     if missing or unexpected:
         raise Gpt2LabError(
             f"{source}: weights do not match the config: missing {missing[:5]}, unexpected {unexpected[:5]}"
@@ -133,7 +141,7 @@ def check_and_load(model: GPT, state: dict[str, torch.Tensor], source: Path) -> 
         if state[k].shape != shape:
             raise Gpt2LabError(f"{source}: {k} has shape {tuple(state[k].shape)} but the config needs {tuple(shape)}")
     with torch.no_grad():
-        model.load_state_dict({k: v for k, v in state.items() if k not in TIED_KEYS}, strict=False)
+        model.load_state_dict({k: v for k, v in state.items() if k not in tied}, strict=False)
 
 
 def load_model(folder: str | Path, device: str | torch.device = "cpu") -> GPT:

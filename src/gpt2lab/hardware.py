@@ -229,8 +229,11 @@ def attention_backend(perf: _PerfSettings, device: str, dtype: torch.dtype, head
 
 
 def _param_count(m: GPTConfig) -> int:
-    C = m.n_embd
-    return m.embedding_rows * C + m.block_size * C + m.n_layer * (12 * C * C + 13 * C) + 2 * C
+    """Parameters of the network this config builds (on the meta device: no memory, any variant)."""
+    from gpt2lab.model import GPT
+
+    with torch.device("meta"):
+        return sum(p.numel() for p in GPT(m).parameters())
 
 
 def estimate_train_bytes(

@@ -154,8 +154,26 @@ def download(repo_id: str) -> Path:
         ) from None
 
 
+# the [model] switches beyond GPT-2 and their GPT-2 values: a model that changes any has no GPT2LMHeadModel form
+GPT2_SWITCHES = {"norm": "layernorm", "qk_norm": False, "pos_embedding": "learned", "mlp": "gelu",
+                 "mlp_hidden": None, "n_kv_head": None, "bias": True, "tie_embeddings": True}  # fmt: skip
+
+
+def check_gpt2(config: GPTConfig) -> None:
+    """One error naming the switches that take a model outside Hugging Face's GPT-2 (before anything is written)."""
+    changed = [f"model.{k}={getattr(config, k)}" for k, v in GPT2_SWITCHES.items() if getattr(config, k) != v]
+    if config.mlp_hidden == 4 * config.n_embd:  # the GPT-2 width, written out
+        changed.remove(f"model.mlp_hidden={config.mlp_hidden}")
+    if changed:
+        raise Gpt2LabError(
+            f"export: {', '.join(changed)} has no Hugging Face GPT-2 equivalent; only GPT-2 models are exported "
+            "for now (Llama/Qwen3 export is a later step); the checkpoint itself samples, evaluates and trains"
+        )
+
+
 def export_hf(model: GPT, out_dir: str | Path, tokenizer_files: tuple[Path, Path] | None = None) -> Path:
     """Write a Hugging Face GPT-2 folder: config.json, model.safetensors, tokenizer files if given."""
+    check_gpt2(model.config)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     config = config_to_hf(model.config)

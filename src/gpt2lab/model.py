@@ -16,6 +16,13 @@ Departures from the reference, none of which change the function computed:
 - Two training-only switches, set by ``gpt2lab.perf``: ``ce_chunk_size`` (the fused LM head +
   cross-entropy of ``gpt2lab.ops``) and ``activation_checkpointing`` (recompute blocks).
 
+Beyond GPT-2, ``[model]`` switches pick small modules (the defaults are GPT-2's, so a GPT-2 config
+builds exactly the network above): ``norm`` (LayerNorm or RMSNorm, Zhang & Sennrich 2019),
+``qk_norm`` (RMSNorm on each head's q and k, as in Qwen3/OLMo2), ``pos_embedding`` (learned, or RoPE,
+Su et al. 2021, in Llama's half-split layout), ``mlp`` (GELU, SwiGLU as in Llama, or ReLU² as in
+modded-nanogpt), ``n_kv_head`` (grouped-query attention, Ainslie et al. 2023; 1 = multi-query),
+``bias`` and ``tie_embeddings``.
+
 The module holds the network only: no I/O, no training, no tokenizer.
 """
 
@@ -43,15 +50,48 @@ class GPTConfig:
     n_head: int = 12
     n_embd: int = 768
     dropout: float = 0.0  # for embeddings, attention and residuals; 0 when pretraining
-    layer_norm_epsilon: float = 1e-5
+    layer_norm_epsilon: float = 1e-5  # epsilon of every norm (LayerNorm or RMSNorm)
+    # beyond GPT-2: each switch picks a module (see the table in README.md); the defaults are GPT-2's
+    norm: str = "layernorm"  # layernorm | rmsnorm
+    qk_norm: bool = False  # RMSNorm on each head's queries and keys before attention (Qwen3, OLMo2)
+    pos_embedding: str = "learned"  # learned (GPT-2's wpe) | rope
+    rope_theta: float = 10000.0  # RoPE base: frequencies theta^(-2i/head_size)
+    mlp: str = "gelu"  # gelu | swiglu | relu2
+    mlp_hidden: int | None = None  # hidden width of the MLP; None = 4 x n_embd
+    n_kv_head: int | None = None  # key/value heads (grouped-query attention); None = n_head, 1 = multi-query
+    bias: bool = True  # biases in the linear layers and LayerNorms
+    tie_embeddings: bool = True  # the LM head shares the token embedding's weight
 
     def __post_init__(self) -> None:
         if self.n_embd % self.n_head:
             raise ValueError(f"n_embd ({self.n_embd}) must be a multiple of n_head ({self.n_head})")
+        for name, allowed in (("norm", NORMS), ("pos_embedding", ("learned", "rope")), ("mlp", MLPS)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"model.{name} must be one of {', '.join(allowed)} (got {getattr(self, name)!r})")
+        if self.n_kv_head is not None and (self.n_kv_head < 1 or self.n_head % self.n_kv_head):
+            raise ValueError(f"n_head ({self.n_head}) must be a multiple of n_kv_head ({self.n_kv_head})")
+        if self.pos_embedding == "rope" and self.head_size % 2:
+            raise ValueError(f"RoPE needs an even head size (n_embd / n_head = {self.head_size})")
+        if self.mlp_hidden is not None and self.mlp_hidden < 1:
+            raise ValueError(f"mlp_hidden must be >= 1 (got {self.mlp_hidden})")
         if self.padded_vocab_size is not None and self.padded_vocab_size < self.vocab_size:
             raise ValueError(
                 f"padded_vocab_size ({self.padded_vocab_size}) is smaller than vocab_size ({self.vocab_size})"
             )
+
+    @property
+    def head_size(self) -> int:
+        return self.n_embd // self.n_head
+
+    @property
+    def kv_heads(self) -> int:
+        """Key/value heads: n_kv_head, or n_head when it is not set (plain multi-head attention)."""
+        return self.n_kv_head or self.n_head
+
+    @property
+    def hidden(self) -> int:
+        """Hidden width of the MLP."""
+        return self.mlp_hidden or 4 * self.n_embd
 
     @property
     def embedding_rows(self) -> int:
@@ -86,7 +126,8 @@ PRESETS: dict[str, dict] = {
 class KVCache:
     """Preallocated keys and values of every layer, for incremental decoding.
 
-    Each buffer is (n_layer, B, n_head, max_len, head_size). Two modes compute the same thing:
+    Each buffer is (n_layer, B, kv_heads, max_len, head_size): grouped-query attention caches
+    only its key/value heads. Two modes compute the same thing:
     - dynamic (default): attention reads only the ``pos`` positions written so far, so each new
       token costs O(context); best in eager mode.
     - static: the position lives in a tensor (``pos_t``) and attention always spans ``max_len``
@@ -97,8 +138,7 @@ class KVCache:
     def __init__(self, config: GPTConfig, batch_size: int, max_len: int, device=None, dtype=None, static=False):
         if max_len > config.block_size:
             raise ValueError(f"max_len {max_len} exceeds block_size {config.block_size}")
-        hs = config.n_embd // config.n_head
-        shape = (config.n_layer, batch_size, config.n_head, max_len, hs)
+        shape = (config.n_layer, batch_size, config.kv_heads, max_len, config.head_size)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.max_len = max_len
@@ -149,39 +189,89 @@ class KVCache:
         self.pos_t.zero_()
 
 
+def make_norm(config: GPTConfig, dim: int) -> nn.Module:
+    """The normalisation picked by config.norm, over the last dim."""
+    if config.norm == "rmsnorm":
+        return nn.RMSNorm(dim, eps=config.layer_norm_epsilon)
+    return nn.LayerNorm(dim, eps=config.layer_norm_epsilon, bias=config.bias)
+
+
+NORMS = ("layernorm", "rmsnorm")
+
+
+class Rotary(nn.Module):
+    """RoPE (Su et al. 2021): cos and sin of each position's rotation angles, in Llama's half-split layout."""
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.head_size, self.theta = config.head_size, config.rope_theta
+
+    def forward(self, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # recomputed each call (hs/2 numbers): no buffer to save, or to lose when a model is built on "meta"
+        dims = torch.arange(0, self.head_size, 2, device=pos.device, dtype=torch.float32)
+        inv_freq = 1.0 / self.theta ** (dims / self.head_size)  # (hs/2,)
+        angles = pos.float()[:, None] * inv_freq[None, :]  # (T, hs/2)
+        angles = torch.cat((angles, angles), dim=-1)  # (T, hs): the same angle for x_i and x_{i + hs/2}
+        return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+    """Rotate (B, nh, T, hs) queries or keys by their positions' angles; unchanged without RoPE."""
+    if rope is None:
+        return x
+    cos, sin = rope  # (T, hs) each
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat((-x2, x1), dim=-1)  # the pair (x_i, x_{i + hs/2}) turned by 90 degrees
+    return (x.float() * cos + rotated.float() * sin).type_as(x)
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
-        self.n_head = config.n_head
-        self.n_embd = config.n_embd
+        self.n_head, self.n_kv_head, self.head_size = config.n_head, config.kv_heads, config.head_size
         self.dropout = config.dropout
-        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)  # q, k, v for all heads at once
-        self.c_proj = nn.Linear(config.n_embd, config.n_embd)
+        kv_width = self.n_kv_head * self.head_size
+        self.c_attn = nn.Linear(config.n_embd, config.n_embd + 2 * kv_width, bias=config.bias)  # q, k, v at once
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.c_proj.RESIDUAL_SCALE_INIT = True  # see init_weights
         self.resid_dropout = nn.Dropout(config.dropout)
+        qk_norm = config.qk_norm  # RMSNorm over each head's q and k (Qwen3); identity for GPT-2
+        self.q_norm = nn.RMSNorm(self.head_size, eps=config.layer_norm_epsilon) if qk_norm else nn.Identity()
+        self.k_norm = nn.RMSNorm(self.head_size, eps=config.layer_norm_epsilon) if qk_norm else nn.Identity()
 
-    def forward(self, x: torch.Tensor, kv_cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, kv_cache: KVCache | None = None, layer: int = 0, rope: tuple | None = None
+    ) -> torch.Tensor:
         B, T, C = x.size()
-        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
-        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
-        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
-        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        kv_width = self.n_kv_head * self.head_size
+        q, k, v = self.c_attn(x).split([C, kv_width, kv_width], dim=2)
+        q = self.q_norm(q.view(B, T, self.n_head, self.head_size)).transpose(1, 2)  # (B, nh, T, hs)
+        k = self.k_norm(k.view(B, T, self.n_kv_head, self.head_size)).transpose(1, 2)  # (B, n_kv, T, hs)
+        v = v.view(B, T, self.n_kv_head, self.head_size).transpose(1, 2)  # (B, n_kv, T, hs)
+        q, k = apply_rope(q, rope), apply_rope(k, rope)
         dropout_p = self.dropout if self.training else 0.0
+        mask = None
+        if kv_cache is not None:
+            k, v, mask = kv_cache.update(layer, k, v)  # (B, n_kv, keys, hs): the cached context too
+        if self.n_kv_head != self.n_head:  # grouped-query attention: each k/v head serves n_head / n_kv_head queries
+            k = k.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
+            v = v.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
         if kv_cache is None:
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
         else:
-            k, v, mask = kv_cache.update(layer, k, v)  # (B, nh, keys, hs): the cached context too
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, nh * hs): re-assemble heads
         return self.resid_dropout(self.c_proj(y))
 
 
 class MLP(nn.Module):
+    """GPT-2's MLP: Linear, tanh-approximate GELU, Linear."""
+
     def __init__(self, config: GPTConfig):
         super().__init__()
-        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd)
+        self.c_fc = nn.Linear(config.n_embd, config.hidden, bias=config.bias)
         self.gelu = nn.GELU(approximate="tanh")  # GPT-2's "gelu_new"
-        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd)
+        self.c_proj = nn.Linear(config.hidden, config.n_embd, bias=config.bias)
         self.c_proj.RESIDUAL_SCALE_INIT = True
         self.dropout = nn.Dropout(config.dropout)
 
@@ -189,16 +279,43 @@ class MLP(nn.Module):
         return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
 
 
+class ReLU2MLP(MLP):
+    """ReLU squared instead of GELU (So et al. 2021; modded-nanogpt, nanochat)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.c_proj(F.relu(self.c_fc(x)).square()))
+
+
+class SwiGLU(nn.Module):
+    """Llama's MLP (Shazeer 2020): down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.c_gate = nn.Linear(config.n_embd, config.hidden, bias=config.bias)
+        self.c_fc = nn.Linear(config.n_embd, config.hidden, bias=config.bias)  # Llama's up_proj
+        self.c_proj = nn.Linear(config.hidden, config.n_embd, bias=config.bias)
+        self.c_proj.RESIDUAL_SCALE_INIT = True
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.c_proj(F.silu(self.c_gate(x)) * self.c_fc(x)))
+
+
+MLPS = {"gelu": MLP, "swiglu": SwiGLU, "relu2": ReLU2MLP}
+
+
 class Block(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
-        self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.ln_1 = make_norm(config, config.n_embd)
         self.attn = CausalSelfAttention(config)
-        self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
-        self.mlp = MLP(config)
+        self.ln_2 = make_norm(config, config.n_embd)
+        self.mlp = MLPS[config.mlp](config)
 
-    def forward(self, x: torch.Tensor, kv_cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), kv_cache, layer)
+    def forward(
+        self, x: torch.Tensor, kv_cache: KVCache | None = None, layer: int = 0, rope: tuple | None = None
+    ) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), kv_cache, layer, rope)
         x = x + self.mlp(self.ln_2(x))
         return x
 
@@ -210,14 +327,17 @@ class GPT(nn.Module):
         self.transformer = nn.ModuleDict(
             dict(
                 wte=nn.Embedding(config.embedding_rows, config.n_embd),
-                wpe=nn.Embedding(config.block_size, config.n_embd),
                 drop=nn.Dropout(config.dropout),
                 h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
-                ln_f=nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon),
+                ln_f=make_norm(config, config.n_embd),
             )
         )
+        if config.pos_embedding == "learned":  # GPT-2: a learned vector per position, added to the input
+            self.transformer.wpe = nn.Embedding(config.block_size, config.n_embd)
+        self.rotary = Rotary(config) if config.pos_embedding == "rope" else None  # RoPE: rotates q and k instead
         self.lm_head = nn.Linear(config.n_embd, config.embedding_rows, bias=False)
-        self.transformer.wte.weight = self.lm_head.weight  # weight tying
+        if config.tie_embeddings:
+            self.transformer.wte.weight = self.lm_head.weight  # weight tying
         # Rows per chunk for the fused LM head + cross-entropy (gpt2lab.ops) when targets are
         # given; 0 = the plain path. A training switch, not part of the architecture.
         self.ce_chunk_size = 0
@@ -231,7 +351,7 @@ class GPT(nn.Module):
         - Linear and Embedding weights: normal, std 0.02; Linear biases: 0.
         - Residual output projections (attn.c_proj, mlp.c_proj): std 0.02 / sqrt(2 * n_layer),
           so the residual stream's variance does not grow with depth (GPT-2 paper, sec. 2.3).
-        - LayerNorm: weight 1, bias 0.
+        - LayerNorm: weight 1, bias 0; RMSNorm: weight 1.
         """
         residual_std = 0.02 / math.sqrt(2 * self.config.n_layer)
         for module in self.modules():
@@ -242,14 +362,15 @@ class GPT(nn.Module):
                     nn.init.zeros_(module.bias)
             elif isinstance(module, nn.Embedding):
                 nn.init.normal_(module.weight, mean=0.0, std=0.02)
-            elif isinstance(module, nn.LayerNorm):
+            elif isinstance(module, (nn.LayerNorm, nn.RMSNorm)):
                 nn.init.ones_(module.weight)
-                nn.init.zeros_(module.bias)
+                if getattr(module, "bias", None) is not None:
+                    nn.init.zeros_(module.bias)
 
     def num_params(self, non_embedding: bool = True) -> int:
         """Parameter count (tied weights counted once); by default without position embeddings."""
         n = sum(p.numel() for p in self.parameters())
-        if non_embedding:
+        if non_embedding and "wpe" in self.transformer:
             n -= self.transformer.wpe.weight.numel()
         return n
 
@@ -257,7 +378,10 @@ class GPT(nn.Module):
         """Training FLOPs per token: 6N + 12·L·H·Q·T (PaLM paper, appendix B)."""
         cfg = self.config
         T = seq_len or cfg.block_size
-        return 6 * self.num_params() + 12 * cfg.n_layer * cfg.n_head * (cfg.n_embd // cfg.n_head) * T
+        n = self.num_params()  # every weight is a matmul but the embeddings (a lookup), unless tied to the head
+        if not cfg.tie_embeddings:
+            n -= self.transformer.wte.weight.numel()
+        return 6 * n + 12 * cfg.n_layer * cfg.n_head * cfg.head_size * T
 
     def forward_hidden(self, idx: torch.Tensor, kv_cache: KVCache | None = None) -> torch.Tensor:
         """The final hidden states (B, T, n_embd), after ln_f and before the LM head."""
@@ -268,12 +392,16 @@ class GPT(nn.Module):
             pos = torch.arange(T, device=idx.device)  # (T,)
         else:
             pos = kv_cache.prepare(T, idx.device)  # (T,) absolute positions after the cached ones
-        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
+        x = self.transformer.wte(idx)  # (B, T, C)
+        if "wpe" in self.transformer:
+            x = x + self.transformer.wpe(pos)
+        x = self.transformer.drop(x)
+        rope = self.rotary(pos) if self.rotary is not None else None  # (cos, sin), each (T, head_size)
         for i, block in enumerate(self.transformer.h):
             if self.activation_checkpointing and self.training and kv_cache is None:
-                x = checkpoint(block, x, use_reentrant=False)
+                x = checkpoint(block, x, None, i, rope, use_reentrant=False)
             else:
-                x = block(x, kv_cache, i)
+                x = block(x, kv_cache, i, rope)
         if kv_cache is not None:
             kv_cache.advance(T)
         return self.transformer.ln_f(x)

@@ -1,0 +1,187 @@
+"""The [model] switches beyond GPT-2: each variant decodes with its KV cache, trains, and the
+Llama/Qwen3-shaped ones compute exactly what transformers' own classes compute."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from gpt2lab.checkpoint import load_model, save_model
+from gpt2lab.model import GPT, GPTConfig, KVCache
+from tests.conftest import assert_close_f32, assert_not_close_f32
+
+BASE = dict(block_size=32, vocab_size=97, n_layer=2, n_head=4, n_embd=32)
+VARIANTS = {
+    "rmsnorm": dict(norm="rmsnorm"),
+    "rope": dict(pos_embedding="rope"),
+    "qk_norm": dict(qk_norm=True, pos_embedding="rope"),
+    "swiglu": dict(mlp="swiglu", mlp_hidden=48),
+    "relu2": dict(mlp="relu2"),
+    "gqa": dict(n_kv_head=2, pos_embedding="rope"),
+    "mqa": dict(n_kv_head=1),
+    "no_bias_untied": dict(bias=False, tie_embeddings=False),
+    "modern": dict(pos_embedding="rope", norm="rmsnorm", qk_norm=True, mlp="relu2", n_kv_head=2, bias=False),
+}
+LLAMA = dict(pos_embedding="rope", norm="rmsnorm", mlp="swiglu", mlp_hidden=40, bias=False, tie_embeddings=False,
+             n_kv_head=2, rope_theta=500.0, layer_norm_epsilon=1e-6)  # fmt: skip
+
+
+def _model(**switches) -> GPT:
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(**{**BASE, **switches})).eval()
+    with torch.no_grad():  # non-trivial norm weights, so a norm applied in the wrong place shows
+        for name, p in model.named_parameters():
+            if name.endswith(("ln_1.weight", "ln_2.weight", "ln_f.weight", "q_norm.weight", "k_norm.weight")):
+                p.add_(0.1 * torch.randn_like(p))
+    return model
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_kv_cache_decoding_equals_the_full_forward(name):
+    model = _model(**VARIANTS[name])
+    idx = torch.randint(0, 97, (2, 12))
+    with torch.no_grad():
+        full, _ = model(idx)
+        cache = KVCache(model.config, batch_size=2, max_len=12)
+        steps = [model(idx[:, :5], kv_cache=cache)[0]]  # a prefill of 5, then one token at a time
+        steps += [model(idx[:, t : t + 1], kv_cache=cache)[0] for t in range(5, 12)]
+    assert_close_f32(torch.cat(steps, dim=1), full)
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_each_variant_trains_saves_and_loads(name, tmp_path):
+    model = _model(**VARIANTS[name]).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    x = torch.randint(0, 97, (4, 16))
+    losses = []
+    for _ in range(8):
+        opt.zero_grad()
+        _, loss = model(x, x)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.7 * losses[0], losses  # it learns to copy its input
+    model.eval()
+    back = load_model(save_model(model, tmp_path / "ckpt"))
+    assert back.config == model.config
+    with torch.no_grad():
+        assert torch.equal(back(x)[0], model(x)[0])
+
+
+def test_fused_loss_and_recompute_give_the_plain_loss_and_gradients():
+    """perf.ce_chunk_size and perf.activation_checkpointing on a RoPE, GQA, untied variant."""
+    x = torch.randint(0, 97, (2, 16))
+    results = []
+    for chunk, recompute in ((0, False), (7, True)):
+        model = _model(**VARIANTS["modern"], tie_embeddings=False).train()
+        model.ce_chunk_size, model.activation_checkpointing = chunk, recompute
+        _, loss = model(x, x)
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad for n, p in model.named_parameters()}))
+    (loss_a, grads_a), (loss_b, grads_b) = results
+    assert_close_f32(loss_b, loss_a)
+    for name, grad in grads_a.items():
+        assert_close_f32(grads_b[name], grad, terms=32, msg=name)
+
+
+def test_gpt2_defaults_build_exactly_gpt2():
+    names = set(GPT(GPTConfig(**BASE)).state_dict())
+    assert "transformer.wpe.weight" in names and "transformer.h.0.ln_1.bias" in names
+    assert not any("norm" in n or "gate" in n for n in names)
+
+
+def test_bad_switches_are_refused_naming_the_field():
+    for bad, field in [(dict(norm="batchnorm"), "model.norm"), (dict(mlp="tanh"), "model.mlp"),
+                       (dict(n_kv_head=3), "n_kv_head"), (dict(pos_embedding="alibi"), "model.pos_embedding"),
+                       (dict(n_embd=36, n_head=4, pos_embedding="rope"), "even head size")]:  # fmt: skip
+        with pytest.raises(ValueError, match=field):
+            GPTConfig(**{**BASE, **bad})
+
+
+def test_the_issue_command_trains_a_modern_variant(tmp_path, capsys):
+    """`gpt2lab train ... --set model.pos_embedding=rope --set model.norm=rmsnorm ...`, then sampling from it."""
+    from gpt2lab.cli import main
+    from tests.test_train import TINY, write_config
+
+    data = tmp_path / "data"
+    from gpt2lab.data.prepare import Settings, prepare
+
+    prepare(Settings("shakespeare", shard_size=10_000_000), data, workers=1)
+    cfg = write_config(tmp_path, data, train={**TINY["train"], "max_steps": 3, "save_every": 0})
+    sets = ["model.pos_embedding=rope", "model.norm=rmsnorm", "model.qk_norm=true", "model.mlp=relu2"]
+    argv = ["train", str(cfg), "--run-dir", str(tmp_path / "run")]
+    assert main(argv + [a for s in sets for a in ("--set", s)]) == 0
+    capsys.readouterr()
+    assert main(["sample", "--model", str(tmp_path / "run"), "--max-new-tokens", "5", "--seed", "0"]) == 0
+    assert capsys.readouterr().out.strip()
+    assert main(["export", str(tmp_path / "run"), str(tmp_path / "hf")]) == 2  # no GPT-2 form: one clear error
+    err = capsys.readouterr().err
+    assert "model.norm=rmsnorm" in err and "no Hugging Face GPT-2 equivalent" in err
+    assert not (tmp_path / "hf").exists()
+
+
+# ----------------------------------------------------------------------------- parity with transformers
+
+
+def _to_llama_state(model: GPT) -> dict[str, torch.Tensor]:
+    """gpt2lab's weights under Llama/Qwen3 names (q, k, v split; no biases; untied head)."""
+    cfg = model.config
+    kv = cfg.kv_heads * cfg.head_size
+    out = {
+        "model.embed_tokens.weight": model.transformer.wte.weight,
+        "model.norm.weight": model.transformer.ln_f.weight,
+        "lm_head.weight": model.lm_head.weight,
+    }
+    for i, block in enumerate(model.transformer.h):
+        p = f"model.layers.{i}."
+        q, k, v = block.attn.c_attn.weight.split([cfg.n_embd, kv, kv])
+        out |= {p + "self_attn.q_proj.weight": q, p + "self_attn.k_proj.weight": k, p + "self_attn.v_proj.weight": v,
+                p + "self_attn.o_proj.weight": block.attn.c_proj.weight,
+                p + "mlp.gate_proj.weight": block.mlp.c_gate.weight, p + "mlp.up_proj.weight": block.mlp.c_fc.weight,
+                p + "mlp.down_proj.weight": block.mlp.c_proj.weight,
+                p + "input_layernorm.weight": block.ln_1.weight,
+                p + "post_attention_layernorm.weight": block.ln_2.weight}  # fmt: skip
+        if cfg.qk_norm:
+            out |= {p + "self_attn.q_norm.weight": block.attn.q_norm.weight,
+                    p + "self_attn.k_norm.weight": block.attn.k_norm.weight}  # fmt: skip
+    return out
+
+
+def _hf_config(cls, model: GPT, **extra):
+    cfg = model.config
+    return cls(vocab_size=cfg.vocab_size, hidden_size=cfg.n_embd, intermediate_size=cfg.hidden,
+               num_hidden_layers=cfg.n_layer, num_attention_heads=cfg.n_head, num_key_value_heads=cfg.kv_heads,
+               max_position_embeddings=cfg.block_size, rms_norm_eps=cfg.layer_norm_epsilon, rope_theta=cfg.rope_theta,
+               tie_word_embeddings=False, attention_bias=False, **extra)  # fmt: skip
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_logits_equal_transformers_llama_and_qwen3(family):
+    transformers = pytest.importorskip("transformers")
+    ours = _model(**LLAMA, qk_norm=family == "qwen3")
+    if family == "llama":
+        hf_cfg = _hf_config(transformers.LlamaConfig, ours, head_dim=ours.config.head_size, mlp_bias=False)
+        ref = transformers.LlamaForCausalLM(hf_cfg)
+    else:
+        hf_cfg = _hf_config(transformers.Qwen3Config, ours, head_dim=ours.config.head_size)
+        ref = transformers.Qwen3ForCausalLM(hf_cfg)
+    missing, unexpected = ref.load_state_dict(_to_llama_state(ours), strict=False)
+    assert not unexpected and not [k for k in missing if "rotary" not in k], (missing, unexpected)
+    ref.eval()
+    idx = torch.randint(0, 97, (2, 20))
+    with torch.no_grad():
+        expected = ref(idx).logits
+        actual, _ = ours(idx)
+        assert_close_f32(actual, expected)
+        ours.transformer.h[1].attn.c_attn.weight[0, 0] += 0.05  # a realistic slip in one weight shows
+        assert_not_close_f32(ours(idx)[0], expected)
+
+
+@pytest.mark.parametrize("name", ["modern", "gqa", "no_bias_untied"])
+def test_static_cache_decoding_gives_the_eager_tokens(name):
+    from gpt2lab.generate import generate_ids
+
+    model = _model(**VARIANTS[name])
+    kw = dict(num_samples=2, max_new_tokens=10, temperature=0, eos_id=None)
+    eager = generate_ids(model, [1, 2, 3], decode="eager", **kw)
+    assert generate_ids(model, [1, 2, 3], decode="static", **kw) == eager and len(eager[0]) == 10
