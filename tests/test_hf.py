@@ -138,7 +138,8 @@ def test_unsupported_hf_configs_are_clear_errors():
     base = {"model_type": "gpt2", "n_positions": 16, "vocab_size": 10, "n_layer": 1, "n_head": 1, "n_embd": 8}
     assert config_from_hf(base).block_size == 16
     for bad, match in [
-        ({"model_type": "llama"}, "not 'gpt2'"),
+        ({"model_type": "mistral"}, "gpt2lab loads gpt2, llama, qwen3"),
+        ({"model_type": "llama"}, "missing key 'num_attention_heads'"),  # a Llama config is read as one
         ({"activation_function": "relu"}, "activation_function"),
         ({"n_inner": 7}, "n_inner"),
         ({"scale_attn_by_inverse_layer_idx": True}, "scale_attn_by_inverse_layer_idx"),

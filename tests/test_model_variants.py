@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from gpt2lab.checkpoint import load_model, save_model
+from gpt2lab.hf_llama import to_hf_state_dict
 from gpt2lab.model import GPT, GPTConfig, KVCache
 from tests.conftest import assert_close_f32, assert_not_close_f32
 
@@ -116,35 +117,11 @@ def test_the_issue_command_trains_a_modern_variant(tmp_path, capsys):
     assert capsys.readouterr().out.strip()
     assert main(["export", str(tmp_path / "run"), str(tmp_path / "hf")]) == 2  # no GPT-2 form: one clear error
     err = capsys.readouterr().err
-    assert "model.norm=rmsnorm" in err and "no Hugging Face GPT-2 equivalent" in err
+    assert "model.mlp=relu2" in err and "no Hugging Face equivalent" in err
     assert not (tmp_path / "hf").exists()
 
 
 # ----------------------------------------------------------------------------- parity with transformers
-
-
-def _to_llama_state(model: GPT) -> dict[str, torch.Tensor]:
-    """gpt2lab's weights under Llama/Qwen3 names (q, k, v split; no biases; untied head)."""
-    cfg = model.config
-    kv = cfg.kv_heads * cfg.head_size
-    out = {
-        "model.embed_tokens.weight": model.transformer.wte.weight,
-        "model.norm.weight": model.transformer.ln_f.weight,
-        "lm_head.weight": model.lm_head.weight,
-    }
-    for i, block in enumerate(model.transformer.h):
-        p = f"model.layers.{i}."
-        q, k, v = block.attn.c_attn.weight.split([cfg.n_embd, kv, kv])
-        out |= {p + "self_attn.q_proj.weight": q, p + "self_attn.k_proj.weight": k, p + "self_attn.v_proj.weight": v,
-                p + "self_attn.o_proj.weight": block.attn.c_proj.weight,
-                p + "mlp.gate_proj.weight": block.mlp.c_gate.weight, p + "mlp.up_proj.weight": block.mlp.c_fc.weight,
-                p + "mlp.down_proj.weight": block.mlp.c_proj.weight,
-                p + "input_layernorm.weight": block.ln_1.weight,
-                p + "post_attention_layernorm.weight": block.ln_2.weight}  # fmt: skip
-        if cfg.qk_norm:
-            out |= {p + "self_attn.q_norm.weight": block.attn.q_norm.weight,
-                    p + "self_attn.k_norm.weight": block.attn.k_norm.weight}  # fmt: skip
-    return out
 
 
 def _hf_config(cls, model: GPT, **extra):
@@ -165,7 +142,7 @@ def test_logits_equal_transformers_llama_and_qwen3(family):
     else:
         hf_cfg = _hf_config(transformers.Qwen3Config, ours, head_dim=ours.config.head_size)
         ref = transformers.Qwen3ForCausalLM(hf_cfg)
-    missing, unexpected = ref.load_state_dict(_to_llama_state(ours), strict=False)
+    missing, unexpected = ref.load_state_dict(to_hf_state_dict(ours), strict=False)
     assert not unexpected and not [k for k in missing if "rotary" not in k], (missing, unexpected)
     ref.eval()
     idx = torch.randint(0, 97, (2, 20))
@@ -185,3 +162,28 @@ def test_static_cache_decoding_gives_the_eager_tokens(name):
     kw = dict(num_samples=2, max_new_tokens=10, temperature=0, eos_id=None)
     eager = generate_ids(model, [1, 2, 3], decode="eager", **kw)
     assert generate_ids(model, [1, 2, 3], decode="static", **kw) == eager and len(eager[0]) == 10
+
+
+@pytest.mark.parametrize("family,tied", [("llama", False), ("qwen3", True)])
+def test_export_and_import_llama_and_qwen3_both_ways(family, tied, tmp_path, capsys):
+    """gpt2lab -> export -> transformers' Auto class, and a transformers folder -> gpt2lab: the same logits."""
+    transformers = pytest.importorskip("transformers")
+    from gpt2lab.cli import main
+    from gpt2lab.loading import load_model as load_any
+
+    ours = _model(**{**LLAMA, "qk_norm": family == "qwen3", "tie_embeddings": tied})
+    save_model(ours, tmp_path / "ckpt")
+    assert main(["export", str(tmp_path / "ckpt"), str(tmp_path / "hf")]) == 0
+    assert f"{'Qwen3' if family == 'qwen3' else 'Llama'}ForCausalLM folder" in capsys.readouterr().out
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    assert type(theirs).__name__.lower().startswith(family)
+    idx = torch.randint(0, 97, (2, 20))
+    with torch.no_grad():
+        expected = ours(idx)[0]
+        assert_close_f32(theirs(idx).logits, expected)
+        theirs.save_pretrained(tmp_path / "back")  # transformers' own files, read back by gpt2lab
+        capsys.readouterr()
+        back = load_any(str(tmp_path / "back"))
+        assert "97-token vocabulary, not GPT-2's" in capsys.readouterr().err  # says its tokenizer is not ours
+        assert back.config.qk_norm == (family == "qwen3") and back.config.kv_heads == 2
+        assert_close_f32(back(idx)[0], expected)

@@ -1,4 +1,4 @@
-"""Hugging Face GPT-2 weights in and out.
+"""Hugging Face GPT-2 weights in and out (Llama and Qwen3 through ``gpt2lab.hf_llama``).
 
 Hugging Face stores GPT-2's projections as ``Conv1D`` (weight shape (in, out)); gpt2lab uses
 ``nn.Linear`` (out, in), so those four weights are transposed on the way in and out. Export
@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from gpt2lab import hf_llama
 from gpt2lab.checkpoint import check_and_load, empty_model, load_state_dict, read_json, save_tensors
 from gpt2lab.errors import Gpt2LabError
 from gpt2lab.model import GPT, PRESETS, GPTConfig
@@ -29,9 +30,13 @@ TOKENIZER_FILE_NAMES = {"encoder.json": "vocab.json", "vocab.bpe": "merges.txt"}
 
 
 def config_from_hf(hf: dict, source: Path | str = "config.json") -> GPTConfig:
-    """A GPTConfig from a Hugging Face GPT-2 config.json dict; unsupported options are an error."""
+    """A GPTConfig from a Hugging Face GPT-2 (or Llama, Qwen3) config.json dict; unsupported options are an error."""
+    if hf.get("model_type") in hf_llama.FAMILIES:
+        return hf_llama.config_from_hf(hf, source)
     if hf.get("model_type", "gpt2") != "gpt2":
-        raise Gpt2LabError(f"{source}: model_type is {hf.get('model_type')!r}, not 'gpt2'")
+        raise Gpt2LabError(
+            f"{source}: model_type is {hf.get('model_type')!r}; gpt2lab loads gpt2, {', '.join(hf_llama.FAMILIES)}"
+        )
     unsupported = {
         "activation_function": ("gelu_new", None),
         "scale_attn_by_inverse_layer_idx": (False, None),
@@ -86,7 +91,11 @@ def config_to_hf(config: GPTConfig) -> dict:
 
 
 def from_hf_state_dict(state: dict[str, torch.Tensor], config: GPTConfig, source: Path | str) -> GPT:
-    """A GPT holding Hugging Face GPT-2 weights (Conv1D layout, with or without 'transformer.')."""
+    """A GPT holding Hugging Face GPT-2 weights (Conv1D layout, with or without 'transformer.'), or Llama/Qwen3's."""
+    if hf_llama.family(config):
+        model = empty_model(config)
+        check_and_load(model, hf_llama.from_hf_state_dict(state, config), source)
+        return model
     converted = {}
     for key, tensor in state.items():
         if key.endswith(IGNORED_SUFFIXES):
@@ -134,6 +143,12 @@ def load_hf_folder(folder: str | Path) -> GPT:
             raise Gpt2LabError(f"{source}: could not be read as plain tensors: {e}") from None
     else:
         raise Gpt2LabError(f"{folder}: no model.safetensors or pytorch_model.bin")
+    if hf_llama.family(config) and config.vocab_size != 50257:  # e.g. a public Llama/Qwen3: its own tokenizer
+        print(
+            f"note: {folder} has a {config.vocab_size:,}-token vocabulary, not GPT-2's: gpt2lab's tokenizer "
+            "(sample, eval) does not match it; the model itself works from Python with token ids",
+            file=sys.stderr,
+        )
     return from_hf_state_dict(state, config, source)
 
 
@@ -165,20 +180,24 @@ def check_gpt2(config: GPTConfig) -> None:
     if config.mlp_hidden == 4 * config.n_embd:  # the GPT-2 width, written out
         changed.remove(f"model.mlp_hidden={config.mlp_hidden}")
     if changed:
+        llama = ", ".join(f"model.{k}={v}" for k, v in hf_llama.REQUIRED.items())
         raise Gpt2LabError(
-            f"export: {', '.join(changed)} has no Hugging Face GPT-2 equivalent; only GPT-2 models are exported "
-            "for now (Llama/Qwen3 export is a later step); the checkpoint itself samples, evaluates and trains"
+            f"export: {', '.join(changed)} has no Hugging Face equivalent: GPT-2 takes the defaults, Llama takes "
+            f"{llama} (+ model.qk_norm=true: Qwen3); the checkpoint itself samples, evaluates and trains"
         )
 
 
 def export_hf(model: GPT, out_dir: str | Path, tokenizer_files: tuple[Path, Path] | None = None) -> Path:
-    """Write a Hugging Face GPT-2 folder: config.json, model.safetensors, tokenizer files if given."""
-    check_gpt2(model.config)
+    """Write a Hugging Face folder (GPT-2, Llama or Qwen3): config.json, model.safetensors, tokenizer files if given."""
+    llama_like = hf_llama.family(model.config) is not None
+    if not llama_like:
+        check_gpt2(model.config)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    config = config_to_hf(model.config)
+    config = hf_llama.config_to_hf(model.config) if llama_like else config_to_hf(model.config)
     config["torch_dtype"] = str(next(model.parameters()).dtype).removeprefix("torch.")
-    save_tensors(to_hf_state_dict(model), out_dir / "model.safetensors", metadata={"format": "pt"})
+    weights = hf_llama.to_hf_state_dict(model) if llama_like else to_hf_state_dict(model)
+    save_tensors(weights, out_dir / "model.safetensors", metadata={"format": "pt"})
     (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     if tokenizer_files is not None:
         encoder, vocab = tokenizer_files
@@ -203,5 +222,6 @@ def export_command(args: argparse.Namespace, model: GPT) -> int:
         files = None
     out = export_hf(model, args.out_dir, files)
     note = "with tokenizer files" if files else "without tokenizer files"
-    print(f"wrote Hugging Face GPT-2 folder {out} ({model.num_params(False):,} parameters, {note})")
+    kind = hf_llama.FAMILIES.get(hf_llama.family(model.config), "GPT2LMHeadModel")
+    print(f"wrote Hugging Face {kind} folder {out} ({model.num_params(False):,} parameters, {note})")
     return 0
