@@ -187,3 +187,60 @@ def test_export_and_import_llama_and_qwen3_both_ways(family, tied, tmp_path, cap
         assert "97-token vocabulary, not GPT-2's" in capsys.readouterr().err  # says its tokenizer is not ours
         assert back.config.qk_norm == (family == "qwen3") and back.config.kv_heads == 2
         assert_close_f32(back(idx)[0], expected)
+
+
+@pytest.mark.parametrize("kind", ["linear", "yarn"])
+def test_rope_scaling_frequencies_equal_transformers(kind):
+    """RoPE's inverse frequencies and YaRN's attention factor, against transformers' own functions."""
+    transformers = pytest.importorskip("transformers")
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    from gpt2lab.hf_llama import rope_parameters
+    from gpt2lab.model import rope_frequencies
+
+    config = GPTConfig(**{**BASE, **LLAMA, "n_embd": 128, "n_head": 2, "rope_theta": 10000.0, "block_size": 2048,
+                          "rope_scaling": kind, "rope_factor": 4.0, "rope_original_context": 512})  # fmt: skip
+    hf = transformers.LlamaConfig(hidden_size=128, num_attention_heads=2, head_dim=64, max_position_embeddings=2048,
+                                  rope_parameters=rope_parameters(config))  # fmt: skip
+    expected, expected_factor = ROPE_INIT_FUNCTIONS[kind](hf, "cpu")
+    actual, factor = rope_frequencies(config)
+    assert_close_f32(actual, expected)
+    assert factor == pytest.approx(expected_factor, rel=1e-12)
+    plain, _ = rope_frequencies(GPTConfig(**{**BASE, **LLAMA, "n_embd": 128, "n_head": 2, "rope_theta": 10000.0}))
+    assert_not_close_f32(actual, plain)  # the scaling changes something
+    if kind == "yarn":  # the fastest dimensions keep their frequency, the slowest are divided by the factor
+        assert actual[0] == plain[0] and actual[-1] == pytest.approx(plain[-1] / 4, rel=1e-6) and factor > 1
+
+
+def test_yarn_model_exports_and_matches_transformers_past_its_trained_context(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from gpt2lab.hf import export_hf
+    from gpt2lab.loading import load_model as load_any
+
+    ours = _model(**{**LLAMA, "rope_scaling": "yarn", "rope_factor": 4.0, "rope_original_context": 8})
+    export_hf(ours, tmp_path / "hf")
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    idx = torch.randint(0, 97, (1, 30))  # 30 positions: far past the original 8
+    with torch.no_grad():
+        expected = ours(idx)[0]
+        assert_close_f32(theirs(idx).logits, expected)
+        back = load_any(str(tmp_path / "hf"))
+        assert (back.config.rope_scaling, back.config.rope_factor, back.config.rope_original_context) == ("yarn", 4, 8)
+        assert_close_f32(back(idx)[0], expected)
+
+
+def test_sample_reads_past_the_trained_context_with_yarn(tmp_path, capsys):
+    """`gpt2lab sample --context N --rope-scaling yarn` on a RoPE model; a learned-position model refuses."""
+    from gpt2lab.cli import main
+
+    rope = _model(**{**BASE, "vocab_size": 50257, "pos_embedding": "rope", "block_size": 16})
+    save_model(rope, tmp_path / "rope")
+    argv = ["sample", "--model", str(tmp_path / "rope"), "--prompt", "Hello " * 10, "--max-new-tokens", "30"]
+    assert main(argv + ["--context", "64", "--rope-scaling", "yarn", "--temperature", "0"]) == 0
+    out, err = capsys.readouterr()
+    assert "sliding window" not in err and len(out) > len("Hello " * 10)  # 10 + 30 tokens fit in 64
+    assert main(argv + ["--temperature", "0"]) == 0  # without it: the trained 16 tokens, a sliding window
+    assert "sliding window" in capsys.readouterr().err
+    save_model(_model(**{**BASE, "vocab_size": 50257}), tmp_path / "learned")
+    assert main(["sample", "--model", str(tmp_path / "learned"), "--context", "64"]) == 2
+    assert "learned position embeddings" in capsys.readouterr().err

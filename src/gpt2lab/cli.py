@@ -32,6 +32,11 @@ def add_sample(sub) -> None:
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps (default: best available)")
     p.add_argument("--dtype", default=None, choices=DTYPES, help="weights' dtype (default: as stored)")
     p.add_argument("--tokenizer", default=None, help="folder with encoder.json and vocab.bpe")
+    p.add_argument("--context", type=int, default=None, help="tokens the model reads (default: its block size)")
+    p.add_argument(
+        "--rope-scaling", default=None, choices=["none", "linear", "yarn"],
+        help="RoPE models past their trained context: yarn, linear (position interpolation) or none (extrapolate)",
+    )  # fmt: skip
     p.add_argument(
         "--decode", default="eager", choices=["eager", "static", "graph"],
         help="how each token step runs: eager (dynamic KV cache), static (static cache), graph (CUDA graph)",

@@ -388,6 +388,27 @@ def _check_device(device: str) -> str:
     return device
 
 
+def extend_context(config, context: int, scaling: str) -> None:
+    """Let a RoPE model read `context` tokens, past the context it was trained at, with this RoPE scaling.
+
+    The factor is context / trained context (YaRN: Peng et al. 2023; linear: position interpolation);
+    "none" extrapolates plain RoPE. The config is changed in place: the model reads it at each step.
+    """
+    if context < 1:
+        raise Gpt2LabError(f"--context must be >= 1 (got {context})")
+    if config.pos_embedding != "rope":
+        if context > config.block_size or scaling != "none":
+            raise Gpt2LabError(
+                f"--context {context} / --rope-scaling {scaling}: this model has learned position embeddings "
+                f"for {config.block_size} positions and no RoPE to scale"
+            )
+        return
+    original = config.rope_original_context or config.block_size
+    config.rope_original_context = original
+    config.rope_scaling, config.rope_factor = scaling, max(1.0, context / original) if scaling != "none" else 1.0
+    config.block_size = context
+
+
 def sample_command(args: argparse.Namespace) -> int:
     """`gpt2lab sample`: load a model and tokenizer, then stream samples to stdout.
 
@@ -405,6 +426,8 @@ def sample_command(args: argparse.Namespace) -> int:
     check_decode(args.decode, device)
     tokenizer = get_tokenizer(args.tokenizer)
     model = load_model(args.model, device, args.dtype)
+    if args.context is not None or args.rope_scaling is not None:
+        extend_context(model.config, args.context or model.config.block_size, args.rope_scaling or "none")
     prompt_ids = tokenizer.encode(args.prompt)
     ids, _ = fit_context(prompt_ids, model.config.block_size, args.max_new_tokens)  # generate warns
     prompt = args.prompt if len(ids) >= len(prompt_ids) else tokenizer.decode(ids)  # what the model sees

@@ -53,8 +53,8 @@ def config_to_hf(config: GPTConfig) -> dict:
         "head_dim": config.head_size,
         "max_position_embeddings": config.block_size,
         "rms_norm_eps": config.layer_norm_epsilon,
-        "rope_theta": config.rope_theta,  # transformers < 5 reads this key, 5 reads rope_parameters
-        "rope_parameters": {"rope_type": "default", "rope_theta": config.rope_theta},
+        "rope_theta": config.rope_theta,  # transformers < 5 reads this key (and rope_scaling), 5 reads rope_parameters
+        "rope_parameters": rope_parameters(config),
         "hidden_act": "silu",
         "attention_bias": False,
         "attention_dropout": config.dropout,
@@ -62,14 +62,33 @@ def config_to_hf(config: GPTConfig) -> dict:
         "initializer_range": 0.02,
         "use_cache": True,
     }
+    if config.rope_scaling != "none":
+        hf["rope_scaling"] = {k: v for k, v in hf["rope_parameters"].items() if k != "rope_theta"}
     return hf | ({"mlp_bias": False} if name == "llama" else {"use_sliding_window": False})
 
 
-def _rope_theta(hf: dict) -> float:
+def rope_parameters(config: GPTConfig) -> dict:
+    """transformers' rope_parameters for this config's RoPE (default, linear or YaRN)."""
+    params = {"rope_type": "default" if config.rope_scaling == "none" else config.rope_scaling}
+    if config.rope_scaling != "none":
+        params["factor"] = config.rope_factor
+    if config.rope_scaling == "yarn":
+        params["original_max_position_embeddings"] = config.rope_original_context or config.block_size
+    return params | {"rope_theta": config.rope_theta}
+
+
+def _rope(hf: dict) -> dict:
+    """gpt2lab's RoPE fields from a config.json (rope_parameters, or the older rope_theta + rope_scaling)."""
     params = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
-    if params.get("rope_type", params.get("type", "default")) != "default":
-        raise Gpt2LabError(f"rope scaling {params.get('rope_type', params.get('type'))!r} is not supported yet")
-    return float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
+    kind = params.get("rope_type", params.get("type", "default"))
+    if kind not in ("default", "linear", "yarn"):
+        raise Gpt2LabError(f"rope scaling {kind!r} is not supported (gpt2lab has default, linear and yarn)")
+    fields = {"rope_theta": float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))}
+    if kind != "default":
+        fields |= {"rope_scaling": kind, "rope_factor": float(params["factor"])}
+    if kind == "yarn":
+        fields["rope_original_context"] = int(params["original_max_position_embeddings"])
+    return fields
 
 
 def config_from_hf(hf: dict, source) -> GPTConfig:
@@ -91,7 +110,7 @@ def config_from_hf(hf: dict, source) -> GPTConfig:
             block_size=hf["max_position_embeddings"], vocab_size=hf["vocab_size"], n_layer=hf["num_hidden_layers"],
             n_head=heads, n_embd=width, n_kv_head=hf.get("num_key_value_heads", heads),
             mlp_hidden=hf["intermediate_size"], layer_norm_epsilon=hf.get("rms_norm_eps", 1e-6),
-            rope_theta=_rope_theta(hf), tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            tie_embeddings=bool(hf.get("tie_word_embeddings", False)), **_rope(hf),
             qk_norm=name == "qwen3", **REQUIRED,
         )  # fmt: skip
     except (KeyError, Gpt2LabError) as e:

@@ -56,6 +56,9 @@ class GPTConfig:
     qk_norm: bool = False  # RMSNorm on each head's queries and keys before attention (Qwen3, OLMo2)
     pos_embedding: str = "learned"  # learned (GPT-2's wpe) | rope
     rope_theta: float = 10000.0  # RoPE base: frequencies theta^(-2i/head_size)
+    rope_scaling: str = "none"  # none | linear (position interpolation) | yarn: to run past the trained context
+    rope_factor: float = 1.0  # context extension factor s of linear/YaRN scaling
+    rope_original_context: int | None = None  # the context RoPE was trained at; None = block_size
     mlp: str = "gelu"  # gelu | swiglu | relu2
     mlp_hidden: int | None = None  # hidden width of the MLP; None = 4 x n_embd
     n_kv_head: int | None = None  # key/value heads (grouped-query attention); None = n_head, 1 = multi-query
@@ -65,11 +68,14 @@ class GPTConfig:
     def __post_init__(self) -> None:
         if self.n_embd % self.n_head:
             raise ValueError(f"n_embd ({self.n_embd}) must be a multiple of n_head ({self.n_head})")
-        for name, allowed in (("norm", NORMS), ("pos_embedding", ("learned", "rope")), ("mlp", MLPS)):
+        choices = {"norm": NORMS, "pos_embedding": ("learned", "rope"), "mlp": MLPS, "rope_scaling": ROPE_SCALINGS}
+        for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"model.{name} must be one of {', '.join(allowed)} (got {getattr(self, name)!r})")
         if self.n_kv_head is not None and (self.n_kv_head < 1 or self.n_head % self.n_kv_head):
             raise ValueError(f"n_head ({self.n_head}) must be a multiple of n_kv_head ({self.n_kv_head})")
+        if self.rope_scaling != "none" and (self.pos_embedding != "rope" or self.rope_factor < 1):
+            raise ValueError("model.rope_scaling needs model.pos_embedding=rope and model.rope_factor >= 1")
         if self.pos_embedding == "rope" and self.head_size % 2:
             raise ValueError(f"RoPE needs an even head size (n_embd / n_head = {self.head_size})")
         if self.mlp_hidden is not None and self.mlp_hidden < 1:
@@ -199,20 +205,50 @@ def make_norm(config: GPTConfig, dim: int) -> nn.Module:
 NORMS = ("layernorm", "rmsnorm")
 
 
+ROPE_SCALINGS = ("none", "linear", "yarn")
+# YaRN's ramp: dimensions turning over 32 times in the original context keep their frequency, under once interpolate
+YARN_BETA_FAST, YARN_BETA_SLOW = 32, 1
+
+
+def rope_frequencies(config: GPTConfig, device=None) -> tuple[torch.Tensor, float]:
+    """RoPE's inverse frequencies (head_size/2,) and the factor on cos/sin (YaRN's attention temperature).
+
+    linear: every frequency divided by the factor s (position interpolation, Chen et al. 2023).
+    yarn (Peng et al. 2023): dimensions that turn many times within the original context keep their
+    frequency, slow ones are interpolated by s, a linear ramp in between; cos and sin are scaled by
+    0.1 ln s + 1 (the paper's sqrt(1/t), applied to q and k alike).
+    """
+    hs, theta, s = config.head_size, config.rope_theta, config.rope_factor
+    inv_freq = 1.0 / theta ** (torch.arange(0, hs, 2, device=device, dtype=torch.float32) / hs)  # (hs/2,)
+    if config.rope_scaling == "linear":
+        return inv_freq / s, 1.0
+    if config.rope_scaling == "none":
+        return inv_freq, 1.0
+    original = config.rope_original_context or config.block_size
+
+    def dim_turning(rotations: float) -> float:  # the dimension whose wavelength fits `rotations` times in `original`
+        return hs * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+
+    low = max(math.floor(dim_turning(YARN_BETA_FAST)), 0)
+    high = min(math.ceil(dim_turning(YARN_BETA_SLOW)), hs - 1)
+    ramp = ((torch.arange(hs // 2, device=device, dtype=torch.float32) - low) / max(high - low, 1e-3)).clamp(0, 1)
+    inv_freq = inv_freq * (1 - ramp) + inv_freq / s * ramp  # ramp 0: extrapolate (keep), 1: interpolate
+    return inv_freq, (0.1 * math.log(s) + 1.0 if s > 1 else 1.0)
+
+
 class Rotary(nn.Module):
     """RoPE (Su et al. 2021): cos and sin of each position's rotation angles, in Llama's half-split layout."""
 
     def __init__(self, config: GPTConfig):
         super().__init__()
-        self.head_size, self.theta = config.head_size, config.rope_theta
+        self.config = config  # read at each call, so a context extension (rope_scaling) applies at once
 
     def forward(self, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # recomputed each call (hs/2 numbers): no buffer to save, or to lose when a model is built on "meta"
-        dims = torch.arange(0, self.head_size, 2, device=pos.device, dtype=torch.float32)
-        inv_freq = 1.0 / self.theta ** (dims / self.head_size)  # (hs/2,)
+        inv_freq, scale = rope_frequencies(self.config, pos.device)
         angles = pos.float()[:, None] * inv_freq[None, :]  # (T, hs/2)
         angles = torch.cat((angles, angles), dim=-1)  # (T, hs): the same angle for x_i and x_{i + hs/2}
-        return angles.cos(), angles.sin()
+        return angles.cos() * scale, angles.sin() * scale
 
 
 def apply_rope(x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
