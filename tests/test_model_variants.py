@@ -244,3 +244,17 @@ def test_sample_reads_past_the_trained_context_with_yarn(tmp_path, capsys):
     save_model(_model(**{**BASE, "vocab_size": 50257}), tmp_path / "learned")
     assert main(["sample", "--model", str(tmp_path / "learned"), "--context", "64"]) == 2
     assert "learned position embeddings" in capsys.readouterr().err
+
+
+def test_every_preset_loads_and_the_modern_one_is_a_modern_network():
+    from gpt2lab.config import load_config
+    from tests.conftest import REPO
+
+    presets = sorted((REPO / "configs").glob("*.toml"))
+    assert len(presets) >= 4
+    configs = {p.stem: load_config(p) for p in presets}  # a bad key or value in any preset raises here
+    modern = configs["modern-124m"].model
+    assert (modern.pos_embedding, modern.norm, modern.mlp, modern.kv_heads) == ("rope", "rmsnorm", "relu2", 4)
+    with torch.device("meta"):
+        n = GPT(modern).num_params()
+    assert 100e6 < n < 180e6  # a 124M-class model (untied head: more parameters, the same compute per layer)
