@@ -192,10 +192,14 @@ def needs_grad_scaler(dtype: torch.dtype, caps: Capabilities) -> bool:
     return dtype == torch.float16 and caps.grad_scaler
 
 
+def _compile_wanted(perf: _PerfSettings, caps: Capabilities) -> bool:
+    """perf.compile as asked: explicitly, or auto = on for CUDA."""
+    return bool(perf.compile if perf.compile is not None else caps.device_type == "cuda")
+
+
 def use_compile(perf: _PerfSettings, caps: Capabilities) -> bool:
-    """perf.compile as decided here: auto = on for CUDA; off wherever torch.compile cannot work."""
-    wanted = perf.compile if perf.compile is not None else caps.device_type == "cuda"
-    return bool(wanted) and caps.compile is None
+    """perf.compile as decided here: as wanted, but off wherever torch.compile cannot work."""
+    return _compile_wanted(perf, caps) and caps.compile is None
 
 
 @functools.cache
@@ -438,11 +442,11 @@ def _precision_notices(name: str, dtype: torch.dtype, caps: Capabilities) -> lis
 def _kernel_notices(cfg: _RunConfig, device: str, dtype: torch.dtype, caps: Capabilities) -> list[str]:
     notes = []
     perf = cfg.perf
-    wanted = perf.compile if perf.compile is not None else caps.device_type == "cuda"  # asked for, or auto on CUDA
-    if wanted and caps.compile is not None:  # looked up only when wanted: the check imports TorchDynamo
+    # caps.compile is looked up only when compiling is wanted: the check imports TorchDynamo
+    if _compile_wanted(perf, caps) and caps.compile is not None:
         notes.append(f"perf.compile: torch.compile cannot run here ({caps.compile}); running eager")
     name = perf.attn_backend
-    head_dim = cfg.model.n_embd // cfg.model.n_head
+    head_dim = cfg.model.head_size
     if name != "auto" and not attention_available(name, device, dtype, head_dim):
         if caps.device_type != "cuda":
             gpu_only = name in GPU_KERNELS or caps.device_type == "mps"

@@ -9,6 +9,7 @@ drops the padded vocabulary rows and the tied ``lm_head.weight`` (transformers r
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import shutil
 import sys
@@ -169,9 +170,12 @@ def download(repo_id: str) -> Path:
         ) from None
 
 
-# the [model] switches beyond GPT-2 and their GPT-2 values: a model that changes any has no GPT2LMHeadModel form
-GPT2_SWITCHES = {"norm": "layernorm", "qk_norm": False, "pos_embedding": "learned", "mlp": "gelu",
-                 "mlp_hidden": None, "n_kv_head": None, "bias": True, "tie_embeddings": True}  # fmt: skip
+# the [model] switches beyond GPT-2, whose defaults are GPT-2's: a model that changes any has no GPT2LMHeadModel form
+GPT2_SWITCHES = {
+    f.name: f.default
+    for f in dataclasses.fields(GPTConfig)
+    if f.name in ("norm", "qk_norm", "pos_embedding", "mlp", "mlp_hidden", "n_kv_head", "bias", "tie_embeddings")
+}
 
 
 def check_gpt2(config: GPTConfig) -> None:

@@ -47,10 +47,6 @@ class PerfConfig:
             problems.append(f"perf.ce_chunk_size must be >= 0 (got {self.ce_chunk_size})")
         return problems
 
-    def use_compile(self, device: str) -> bool:
-        """auto = on for CUDA; off wherever torch.compile cannot work (gpt2lab.hardware decides)."""
-        return hardware.use_compile(self, hardware.capabilities(device))
-
 
 def prepare_model(raw_model: GPT, cfg: PerfConfig, device: str, dtype: torch.dtype | None = None) -> torch.nn.Module:
     """Set the model's loss/recompute switches and the attention kernel; return what the step runs.
@@ -62,8 +58,7 @@ def prepare_model(raw_model: GPT, cfg: PerfConfig, device: str, dtype: torch.dty
     raw_model.activation_checkpointing = cfg.activation_checkpointing
     caps = hardware.capabilities(device)
     dtype = dtype or hardware.autocast_dtype("auto", caps)
-    head_dim = raw_model.config.n_embd // raw_model.config.n_head
-    set_attention_backend(hardware.attention_backend(cfg, device, dtype, head_dim))
+    set_attention_backend(hardware.attention_backend(cfg, device, dtype, raw_model.config.head_size))
     if hardware.use_compile(cfg, caps):
         return torch.compile(raw_model, mode=None if cfg.compile_mode == "default" else cfg.compile_mode,
                              fullgraph=cfg.fullgraph)  # fmt: skip

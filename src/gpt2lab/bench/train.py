@@ -66,18 +66,22 @@ class Variant:
     peak_extra: int = 0  # CUDA: the largest allocation growth within one of its steps, bytes
 
     def __post_init__(self) -> None:
+        from gpt2lab.hardware import attention_backend
         from gpt2lab.model import GPT
         from gpt2lab.optim import make_optimizer
         from gpt2lab.perf import prepare_model, step_context
         from gpt2lab.train import precision
 
         cfg, device_type = self.cfg, torch.device(self.device).type
+        dtype = precision(cfg.train.dtype, device_type)
         torch.manual_seed(cfg.train.seed)  # the same weights in every variant
         self.raw = GPT(cfg.model).to(self.device)
-        self.model = prepare_model(self.raw, cfg.perf, device_type)
+        self.model = prepare_model(self.raw, cfg.perf, device_type, dtype)
         self.optimizer = make_optimizer(self.raw, cfg.optim, device_type)
         self.batches = RandomBatches(cfg.train.micro_batch, cfg.model.block_size, cfg.model.vocab_size, self.device)
-        self.autocast = step_context(device_type, precision(cfg.train.dtype, device_type))
+        self.autocast = step_context(device_type, dtype)
+        # the kernel prepare_model chose (auto where this GPU lacks the one asked for), set again before each step
+        self.attn_backend = attention_backend(cfg.perf, self.device, dtype, cfg.model.head_size)
 
     def step(self) -> float:
         """One optimizer step; its wall seconds."""
@@ -85,7 +89,7 @@ class Variant:
         from gpt2lab.perf import set_attention_backend
         from gpt2lab.train import train_step
 
-        set_attention_backend(self.cfg.perf.attn_backend)  # process-wide: the variants may differ
+        set_attention_backend(self.attn_backend)  # process-wide: the variants may differ
         set_lr(self.optimizer, lr_at(len(self.losses), self.cfg.optim))
         cuda = self.device.startswith("cuda")
         if cuda:
