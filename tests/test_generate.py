@@ -228,3 +228,14 @@ def test_text_stream_holds_back_split_characters(tokenizer):
     assert "".join(pieces) + stream.flush() == text == stream.text
     stream = TextStream(tokenizer)
     assert stream.push(ids[0]) + stream.push(EOT) == tokenizer.decode(ids[:1])  # <|endoftext|> is not printed
+
+
+def test_auto_decoding_is_the_cuda_graph_on_cuda_and_eager_elsewhere():
+    """auto = graph on CUDA (2.9-3.9x eager on an H200, same tokens: BENCHMARKS.md), eager on CPU and MPS."""
+    from gpt2lab.generate import resolve_decode
+
+    assert resolve_decode("auto", "cuda") == "graph" and resolve_decode("auto", "cuda:1") == "graph"
+    assert resolve_decode("auto", "cpu") == "eager" and resolve_decode("auto", "mps") == "eager"
+    assert resolve_decode("static", "cuda") == "static"  # an explicit choice is kept
+    model, kw = tiny(), dict(max_new_tokens=6, temperature=0.0, eos_id=None)
+    assert generate_ids(model, [1, 2, 3], **kw) == generate_ids(model, [1, 2, 3], decode="eager", **kw)

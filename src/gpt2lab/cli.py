@@ -38,8 +38,9 @@ def add_sample(sub) -> None:
         help="RoPE models past their trained context: yarn, linear (position interpolation) or none (extrapolate)",
     )  # fmt: skip
     p.add_argument(
-        "--decode", default="eager", choices=["eager", "static", "graph"],
-        help="how each token step runs: eager (dynamic KV cache), static (static cache), graph (CUDA graph)",
+        "--decode", default="auto", choices=["auto", "eager", "static", "graph"],
+        help="how each token step runs: eager (dynamic KV cache), static (static cache), graph (CUDA graph); "
+        "auto: graph on CUDA, else eager",
     )  # fmt: skip
     p.set_defaults(func=run_sample)
 
