@@ -33,10 +33,13 @@ RESUME_RTOL = 1e-2  # bf16 autocast and atomics in the backward pass: losses agr
 PROMPT = "The meaning of life is"
 LEARNS = 0.1  # nats the loss must fall: a run whose weights never move stays within a few hundredths
 
-VARIANTS = {  # name: [model] switches (each also in README's table)
-    "modern-block": ["pos_embedding=rope", "norm=rmsnorm", "qk_norm=true", "mlp=relu2"],
-    "llama": ["pos_embedding=rope", "norm=rmsnorm", "mlp=swiglu", "n_kv_head=4", "bias=false", "tie_embeddings=false"],
+VARIANTS = {  # name: [model] switches (each in README's table)
+    "modern-block": "pos_embedding=rope norm=rmsnorm qk_norm=true mlp=relu2".split(),
+    "llama": "pos_embedding=rope norm=rmsnorm mlp=swiglu n_kv_head=4 bias=false tie_embeddings=false".split(),
     "mqa-gelu": ["n_kv_head=1"],
+    "moe": "pos_embedding=rope norm=rmsnorm mlp=swiglu bias=false n_experts=8 experts_per_token=2 "
+    "moe_router=sigmoid n_shared_experts=1".split(),
+    "mla": "attention=mla pos_embedding=rope norm=rmsnorm mlp=swiglu bias=false".split(),
 }
 TOKENS_PER_STEP = "train.total_batch=65536"  # one micro-batch of 64 x 1024: the check needs no accumulation
 QUICK = [

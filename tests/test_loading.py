@@ -48,9 +48,15 @@ def test_a_run_folder_without_a_checkpoint_says_how_to_restart_it(tmp_path, shak
 
 
 def _imports(path: Path, modules: set[str]) -> set[str]:
-    """The gpt2lab modules a file imports, at module level or inside functions."""
+    """The gpt2lab modules a file imports, at module level or inside functions (not under `if TYPE_CHECKING:`,
+    which never runs: a type named in an annotation, e.g. moe.py's GPTConfig, is no import)."""
     found = set()
-    for node in ast.walk(ast.parse(path.read_text())):
+    tree = ast.parse(path.read_text())
+    guards = [node for node in ast.walk(tree) if isinstance(node, ast.If) and ast.unparse(node.test) == "TYPE_CHECKING"]
+    type_only = {id(n) for guard in guards for n in ast.walk(guard)}
+    for node in ast.walk(tree):
+        if id(node) in type_only:
+            continue
         if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
             names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
         elif isinstance(node, ast.Import):

@@ -258,3 +258,38 @@ def test_every_preset_loads_and_the_modern_one_is_a_modern_network():
     with torch.device("meta"):
         n = GPT(modern).num_params()
     assert 100e6 < n < 180e6  # a 124M-class model (untied head: more parameters, the same compute per layer)
+
+
+def test_logit_softcap_bounds_the_logits_wherever_they_are_computed():
+    """Gemma 2's cap * tanh(z / cap): the forward, the fused loss and its gradients, decoding, the evaluations."""
+    from gpt2lab.eval.common import score_batch
+    from gpt2lab.generate import _head_for_decoding, _last_logits
+    from gpt2lab.hf import check_gpt2
+    from gpt2lab.hf_llama import family
+
+    cap, x = 2.0, torch.randint(0, 97, (2, 16))
+    model = _model(logit_softcap=cap, **LLAMA)  # a Llama but for the cap
+    with torch.no_grad():
+        model.lm_head.weight.mul_(20)  # raw logits far beyond the cap
+        logits, _ = model(x)
+        raw = model.lm_head(model.forward_hidden(x))[..., :97]
+        assert raw.abs().max() > 3 * cap and logits.abs().max() <= cap
+        assert_close_f32(logits, cap * torch.tanh(raw / cap))
+        decoded = _last_logits(model, x, KVCache(model.config, 2, 16), _head_for_decoding(model, 1))
+        assert_close_f32(decoded, logits[:, -1])
+        ctx, cont = x[0, :10].tolist(), x[0, 10:].tolist()  # an evaluation's continuation loss
+        expected = torch.nn.functional.cross_entropy(logits[0, 9:15], x[0, 10:], reduction="sum")
+        assert_close_f32(score_batch(model, [(ctx, cont)], "cpu").sum_loss[0], expected, terms=6)
+    results = []
+    for chunk in (0, 5):
+        model.zero_grad()
+        model.ce_chunk_size = chunk
+        _, loss = model.train()(x, x)
+        loss.backward()
+        results.append((loss.detach(), model.lm_head.weight.grad.clone(), model.transformer.wte.weight.grad.clone()))
+    assert_close_f32(results[1][0], results[0][0])
+    assert_close_f32(results[1][1], results[0][1], terms=32)
+    assert_close_f32(results[1][2], results[0][2], terms=32)
+    with pytest.raises(Exception, match="logit_softcap"):
+        check_gpt2(model.config)
+    assert family(model.config) is None  # a Llama with a soft cap is no Llama

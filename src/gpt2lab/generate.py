@@ -27,7 +27,7 @@ from collections.abc import Iterator, Sequence
 import torch
 
 from gpt2lab.errors import Gpt2LabError
-from gpt2lab.model import GPT, KVCache
+from gpt2lab.model import GPT, KVCache, softcap
 from gpt2lab.tokenizer import EOT_ID
 
 # ----------------------------------------------------------------------------- filtering (pure)
@@ -140,7 +140,7 @@ def _head_for_decoding(model: GPT, steps: int) -> torch.Tensor:
 def _last_logits(model: GPT, idx: torch.Tensor, cache: KVCache, head: torch.Tensor) -> torch.Tensor:
     """Logits (B, vocab_size) of the last position only; the prompt's other logits are never needed."""
     hidden = model.forward_hidden(idx, cache)[:, -1]  # (B, C)
-    return hidden @ head  # (B, V)
+    return softcap(hidden @ head, model.config.logit_softcap)  # (B, V)
 
 
 def generate(

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from gpt2lab import hf_llama
+from gpt2lab import hf_deepseek, hf_llama, hf_moe
 from gpt2lab.checkpoint import check_and_load, empty_model, load_state_dict, read_json, save_tensors
 from gpt2lab.errors import Gpt2LabError
 from gpt2lab.model import GPT, PRESETS, GPTConfig
@@ -34,9 +34,14 @@ def config_from_hf(hf: dict, source: Path | str = "config.json") -> GPTConfig:
     """A GPTConfig from a Hugging Face GPT-2 (or Llama, Qwen3) config.json dict; unsupported options are an error."""
     if hf.get("model_type") in hf_llama.FAMILIES:
         return hf_llama.config_from_hf(hf, source)
+    if hf.get("model_type") == hf_deepseek.MODEL_TYPE:
+        return hf_deepseek.config_from_hf(hf, source)
+    if hf.get("model_type") in hf_moe.FAMILIES:
+        return hf_moe.config_from_hf(hf, source)
     if hf.get("model_type", "gpt2") != "gpt2":
         raise Gpt2LabError(
-            f"{source}: model_type is {hf.get('model_type')!r}; gpt2lab loads gpt2, {', '.join(hf_llama.FAMILIES)}"
+            f"{source}: model_type is {hf.get('model_type')!r}; gpt2lab loads gpt2, {', '.join(hf_llama.FAMILIES)}, "
+            f"{hf_deepseek.MODEL_TYPE}, {', '.join(hf_moe.FAMILIES)}"
         )
     unsupported = {
         "activation_function": ("gelu_new", None),
@@ -91,11 +96,21 @@ def config_to_hf(config: GPTConfig) -> dict:
     return hf
 
 
-def from_hf_state_dict(state: dict[str, torch.Tensor], config: GPTConfig, source: Path | str) -> GPT:
-    """A GPT holding Hugging Face GPT-2 weights (Conv1D layout, with or without 'transformer.'), or Llama/Qwen3's."""
-    if hf_llama.family(config):
+def from_hf_state_dict(
+    state: dict[str, torch.Tensor], config: GPTConfig, source: Path | str, rope_interleave: bool = True
+) -> GPT:
+    """A GPT holding Hugging Face GPT-2 weights (Conv1D layout, with or without 'transformer.'), or Llama/Qwen3's.
+
+    DeepSeek-V3's too, for an MLA config: rope_interleave is its config.json's (True: DeepSeek's RoPE layout).
+    """
+    if config.attention == "mla":
         model = empty_model(config)
-        check_and_load(model, hf_llama.from_hf_state_dict(state, config), source)
+        check_and_load(model, hf_deepseek.from_hf_state_dict(state, config, rope_interleave), source)
+        return model
+    if hf_llama.family(config) or hf_moe.family(config):
+        model = empty_model(config)
+        convert = hf_moe.from_hf_state_dict if config.n_experts else hf_llama.from_hf_state_dict
+        check_and_load(model, convert(state, config), source)
         return model
     converted = {}
     for key, tensor in state.items():
@@ -132,7 +147,8 @@ def to_hf_state_dict(model: GPT) -> dict[str, torch.Tensor]:
 def load_hf_folder(folder: str | Path) -> GPT:
     """A GPT from a local Hugging Face GPT-2 folder (config.json + model.safetensors or pytorch_model.bin)."""
     folder = Path(folder)
-    config = config_from_hf(read_json(folder / "config.json"), folder / "config.json")
+    hf_config = read_json(folder / "config.json")
+    config = config_from_hf(hf_config, folder / "config.json")
     if (folder / "model.safetensors").is_file():
         source = folder / "model.safetensors"
         state = load_state_dict(source)
@@ -144,13 +160,13 @@ def load_hf_folder(folder: str | Path) -> GPT:
             raise Gpt2LabError(f"{source}: could not be read as plain tensors: {e}") from None
     else:
         raise Gpt2LabError(f"{folder}: no model.safetensors or pytorch_model.bin")
-    if hf_llama.family(config) and config.vocab_size != 50257:  # e.g. a public Llama/Qwen3: its own tokenizer
+    if config.vocab_size != 50257 and (hf_llama.family(config) or hf_moe.family(config) or config.attention == "mla"):
         print(
             f"note: {folder} has a {config.vocab_size:,}-token vocabulary, not GPT-2's: gpt2lab's tokenizer "
             "(sample, eval) does not match it; the model itself works from Python with token ids",
             file=sys.stderr,
         )
-    return from_hf_state_dict(state, config, source)
+    return from_hf_state_dict(state, config, source, hf_config.get("rope_interleave", True))
 
 
 def download(repo_id: str) -> Path:
@@ -171,11 +187,8 @@ def download(repo_id: str) -> Path:
 
 
 # the [model] switches beyond GPT-2, whose defaults are GPT-2's: a model that changes any has no GPT2LMHeadModel form
-GPT2_SWITCHES = {
-    f.name: f.default
-    for f in dataclasses.fields(GPTConfig)
-    if f.name in ("norm", "qk_norm", "pos_embedding", "mlp", "mlp_hidden", "n_kv_head", "bias", "tie_embeddings")
-}
+_BEYOND_GPT2 = "norm qk_norm pos_embedding mlp mlp_hidden n_kv_head bias tie_embeddings logit_softcap".split()
+GPT2_SWITCHES = {f.name: f.default for f in dataclasses.fields(GPTConfig) if f.name in _BEYOND_GPT2}
 
 
 def check_gpt2(config: GPTConfig) -> None:
@@ -192,15 +205,23 @@ def check_gpt2(config: GPTConfig) -> None:
 
 
 def export_hf(model: GPT, out_dir: str | Path, tokenizer_files: tuple[Path, Path] | None = None) -> Path:
-    """Write a Hugging Face folder (GPT-2, Llama or Qwen3): config.json, model.safetensors, tokenizer files if given."""
-    llama_like = hf_llama.family(model.config) is not None
-    if not llama_like:
+    """Write a Hugging Face folder (GPT-2, Llama, Qwen3 or DeepSeek-V3): config.json, model.safetensors, tokenizer."""
+    if model.config.attention == "mla":  # DeepSeek-V3 (gpt2lab.hf_deepseek)
+        hf_deepseek.check_exportable(model.config)
+        to_config, to_weights = hf_deepseek.config_to_hf, hf_deepseek.to_hf_state_dict
+    elif model.config.n_experts:  # Qwen3-MoE or Mixtral (gpt2lab.hf_moe)
+        hf_moe.check_exportable(model)
+        to_config, to_weights = hf_moe.config_to_hf, hf_moe.to_hf_state_dict
+    elif hf_llama.family(model.config):
+        to_config, to_weights = hf_llama.config_to_hf, hf_llama.to_hf_state_dict
+    else:
         check_gpt2(model.config)
+        to_config, to_weights = config_to_hf, to_hf_state_dict
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    config = hf_llama.config_to_hf(model.config) if llama_like else config_to_hf(model.config)
+    config = to_config(model.config)
     config["torch_dtype"] = str(next(model.parameters()).dtype).removeprefix("torch.")
-    weights = hf_llama.to_hf_state_dict(model) if llama_like else to_hf_state_dict(model)
+    weights = to_weights(model)
     save_tensors(weights, out_dir / "model.safetensors", metadata={"format": "pt"})
     (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     if tokenizer_files is not None:
@@ -227,5 +248,7 @@ def export_command(args: argparse.Namespace, model: GPT) -> int:
     out = export_hf(model, args.out_dir, files)
     note = "with tokenizer files" if files else "without tokenizer files"
     kind = hf_llama.FAMILIES.get(hf_llama.family(model.config), "GPT2LMHeadModel")
+    kind = hf_moe.FAMILIES.get(hf_moe.family(model.config), kind)
+    kind = hf_deepseek.CLASS if model.config.attention == "mla" else kind
     print(f"wrote Hugging Face {kind} folder {out} ({model.num_params(False):,} parameters, {note})")
     return 0

@@ -15,7 +15,7 @@ from gpt2lab.model import GPTConfig
 
 FAMILIES = {"llama": "LlamaForCausalLM", "qwen3": "Qwen3ForCausalLM"}
 # what the network must be for either family (qk_norm then picks Qwen3 over Llama)
-REQUIRED = {"pos_embedding": "rope", "norm": "rmsnorm", "mlp": "swiglu", "bias": False}
+REQUIRED = {"pos_embedding": "rope", "norm": "rmsnorm", "mlp": "swiglu", "bias": False, "logit_softcap": 0.0}
 
 # per layer: Hugging Face name -> gpt2lab name (q, k and v are slices of attn.c_attn.weight)
 LAYER_NAMES = {
@@ -33,8 +33,10 @@ QKV = ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.w
 
 def family(config: GPTConfig) -> str | None:
     """'llama' or 'qwen3' when this config is exactly one of those networks, else None."""
-    if any(getattr(config, k) != v for k, v in REQUIRED.items()):
-        return None
+    if config.attention != "mha" or any(getattr(config, k) != v for k, v in REQUIRED.items()):
+        return None  # (MLA: DeepSeek-V3, gpt2lab.hf_deepseek)
+    if config.n_experts:
+        return None  # (MoE: Qwen3-MoE, Mixtral, gpt2lab.hf_moe)
     return "qwen3" if config.qk_norm else "llama"
 
 

@@ -21,7 +21,8 @@ builds exactly the network above): ``norm`` (LayerNorm or RMSNorm, Zhang & Sennr
 ``qk_norm`` (RMSNorm on each head's q and k, as in Qwen3/OLMo2), ``pos_embedding`` (learned, or RoPE,
 Su et al. 2021, in Llama's half-split layout), ``mlp`` (GELU, SwiGLU as in Llama, or ReLU² as in
 modded-nanogpt), ``n_kv_head`` (grouped-query attention, Ainslie et al. 2023; 1 = multi-query),
-``bias`` and ``tie_embeddings``.
+``attention`` (``mla``: DeepSeek's multi-head latent attention), ``bias`` and
+``tie_embeddings``, and ``logit_softcap`` (Gemma 2's final-logit soft cap).
 
 The module holds the network only: no I/O, no training, no tokenizer.
 """
@@ -30,13 +31,26 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, fields
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from gpt2lab import moe
+from gpt2lab.moe import ROUTERS, MoE
 from gpt2lab.ops import linear_cross_entropy
+
+
+class MLADims(NamedTuple):
+    """Multi-head latent attention's dimensions, resolved (GPTConfig.mla_dims)."""
+
+    kv_lora_rank: int
+    q_lora_rank: int
+    qk_nope_head_dim: int
+    qk_rope_head_dim: int
+    v_head_dim: int
 
 
 @dataclass
@@ -62,13 +76,32 @@ class GPTConfig:
     mlp: str = "gelu"  # gelu | swiglu | relu2
     mlp_hidden: int | None = None  # hidden width of the MLP; None = 4 x n_embd
     n_kv_head: int | None = None  # key/value heads (grouped-query attention); None = n_head, 1 = multi-query
+    attention: str = "mha"  # mha (multi-head; GQA/MQA through n_kv_head) | mla (DeepSeek's latent attention, below)
+    # MLA's dimensions; None = DeepSeek-V2-Lite's proportions (n_embd 2048, hs = n_embd / n_head = 128)
+    kv_lora_rank: int | None = None  # the cached key/value latent per token; None = n_embd / 4
+    q_lora_rank: int = 0  # the query latent (low-rank q with an RMSNorm); 0 = a plain query projection
+    qk_nope_head_dim: int | None = None  # per head: query/key dims without position; None = hs
+    qk_rope_head_dim: int | None = None  # query/key dims RoPE rotates (the key's shared by the heads); None = hs/2
+    v_head_dim: int | None = None  # per head: value dims; None = hs
     bias: bool = True  # biases in the linear layers and LayerNorms
     tie_embeddings: bool = True  # the LM head shares the token embedding's weight
+    logit_softcap: float = 0.0  # final logits squashed to (-c, c) by c tanh(z / c) (Gemma 2, modded-nanogpt); 0 = off
+    # mixture of experts (gpt2lab.moe): routed SwiGLU experts in place of the MLP of the blocks in moe_layers
+    n_experts: int = 0  # routed experts per MoE block; 0 = no MoE (every block has the dense MLP)
+    experts_per_token: int = 2  # k: routed experts each token goes through (top-k)
+    n_shared_experts: int = 0  # always-on experts beside the routed ones (DeepSeek, Qwen2-MoE)
+    moe_hidden: int | None = None  # hidden width of each expert; None = hidden / (k + n_shared): the dense compute
+    moe_layers: str = "all"  # MoE blocks: all | every_other (1, 3, 5, ...) | indices, e.g. "1,2,3"; the rest dense
+    moe_router: str = "softmax"  # router scores: softmax (Mixtral, Qwen3-MoE) | sigmoid (DeepSeek-V3)
+    moe_norm_topk_prob: bool = True  # renormalise the k gate weights to sum to 1 (Mixtral; norm_topk_prob)
+    moe_bias_update_rate: float = 0.001  # DeepSeek-V3's aux-loss-free balancing step (gamma); 0 = off
+    moe_aux_loss_coef: float = 0.0  # Switch-style load-balancing loss coefficient (Qwen3-MoE: 0.001); 0 = off
 
     def __post_init__(self) -> None:
         if self.n_embd % self.n_head:
             raise ValueError(f"n_embd ({self.n_embd}) must be a multiple of n_head ({self.n_head})")
-        choices = {"norm": NORMS, "pos_embedding": ("learned", "rope"), "mlp": MLPS, "rope_scaling": ROPE_SCALINGS}
+        choices = {"norm": NORMS, "pos_embedding": ("learned", "rope"), "mlp": MLPS, "rope_scaling": ROPE_SCALINGS,
+                   "attention": ("mha", "mla")}  # fmt: skip
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"model.{name} must be one of {', '.join(allowed)} (got {getattr(self, name)!r})")
@@ -76,18 +109,114 @@ class GPTConfig:
             raise ValueError(f"n_head ({self.n_head}) must be a multiple of n_kv_head ({self.n_kv_head})")
         if self.rope_scaling != "none" and (self.pos_embedding != "rope" or self.rope_factor < 1):
             raise ValueError("model.rope_scaling needs model.pos_embedding=rope and model.rope_factor >= 1")
-        if self.pos_embedding == "rope" and self.head_size % 2:
-            raise ValueError(f"RoPE needs an even head size (n_embd / n_head = {self.head_size})")
+        if self.attention == "mla":
+            self._check_mla()
+        if self.pos_embedding == "rope" and self.rope_dim % 2:
+            which = "model.qk_rope_head_dim" if self.attention == "mla" else "n_embd / n_head"
+            raise ValueError(f"RoPE needs an even head size ({which} = {self.rope_dim})")
+        if self.logit_softcap < 0:
+            raise ValueError(f"model.logit_softcap must be >= 0 (0 = off; got {self.logit_softcap})")
         if self.mlp_hidden is not None and self.mlp_hidden < 1:
             raise ValueError(f"mlp_hidden must be >= 1 (got {self.mlp_hidden})")
+        if self.n_experts:
+            self._check_moe()
         if self.padded_vocab_size is not None and self.padded_vocab_size < self.vocab_size:
             raise ValueError(
                 f"padded_vocab_size ({self.padded_vocab_size}) is smaller than vocab_size ({self.vocab_size})"
             )
 
+    def _check_mla(self) -> None:
+        """MLA's own rules; each error names the field."""
+        if self.pos_embedding != "rope":
+            raise ValueError("model.attention=mla needs model.pos_embedding=rope (its decoupled RoPE key)")
+        if self.n_kv_head not in (None, self.n_head):
+            raise ValueError("model.n_kv_head has no meaning with model.attention=mla (every head reads the one "
+                             "cached latent): leave it unset")  # fmt: skip
+        if self.qk_norm:
+            raise ValueError("model.qk_norm is not defined for model.attention=mla (MLA normalises its latents)")
+        dims = self.mla_dims
+        for name, value in dims._asdict().items():
+            low = 0 if name == "q_lora_rank" else 1  # q_lora_rank 0: a plain query projection
+            if value < low:
+                raise ValueError(f"model.{name} must be >= {low} (got {value})")
+        for name in ("kv_lora_rank", "q_lora_rank"):  # a latent is a linear image of x: wider compresses nothing
+            if getattr(dims, name) > self.n_embd:
+                raise ValueError(f"model.{name} ({getattr(dims, name)}) must not exceed n_embd ({self.n_embd})")
+
+    def _check_moe(self) -> None:
+        """The mixture of experts' rules; each error names the field."""
+        if self.n_experts < 0:
+            raise ValueError(f"model.n_experts must be >= 0 (got {self.n_experts})")
+        if not 1 <= self.experts_per_token <= self.n_experts:
+            raise ValueError(f"model.experts_per_token must be 1 .. n_experts ({self.n_experts}), "
+                             f"got {self.experts_per_token}")  # fmt: skip
+        if self.moe_router not in ROUTERS:
+            raise ValueError(f"model.moe_router must be one of {', '.join(ROUTERS)} (got {self.moe_router!r})")
+        for name in ("n_shared_experts", "moe_bias_update_rate", "moe_aux_loss_coef"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"model.{name} must be >= 0 (got {getattr(self, name)})")
+        if self.expert_hidden < 1:
+            raise ValueError(f"model.moe_hidden must be >= 1 (got {self.expert_hidden})")
+        self.moe_layer_ids  # noqa: B018 (raises on a bad model.moe_layers)
+
+    @property
+    def expert_hidden(self) -> int:
+        """Hidden width of each expert: moe_hidden, or the dense width shared by the k + shared experts."""
+        if self.moe_hidden is not None:
+            return self.moe_hidden
+        return self.hidden // (self.experts_per_token + self.n_shared_experts)
+
+    @property
+    def moe_layer_ids(self) -> tuple[int, ...]:
+        """Indices of the MoE blocks (none without experts)."""
+        if not self.n_experts:
+            return ()
+        if self.moe_layers in ("all", "every_other"):
+            return tuple(range(self.moe_layers == "every_other", self.n_layer, 1 + (self.moe_layers == "every_other")))
+        try:
+            ids = tuple(sorted({int(i) for i in self.moe_layers.split(",")}))
+        except ValueError:
+            ids = (-1,)
+        if not ids or ids[0] < 0 or ids[-1] >= self.n_layer:
+            raise ValueError(f"model.moe_layers must be all, every_other or block indices 0 .. {self.n_layer - 1} "
+                             f'like "1,3" (got {self.moe_layers!r})')  # fmt: skip
+        return ids
+
     @property
     def head_size(self) -> int:
         return self.n_embd // self.n_head
+
+    @property
+    def mla_dims(self) -> MLADims:
+        """MLA's dimensions, the unset ones as in DeepSeek-V2-Lite (512, 128, 64, 128 at n_embd 2048, hs 128)."""
+        hs = self.head_size
+        return MLADims(
+            kv_lora_rank=self.n_embd // 4 if self.kv_lora_rank is None else self.kv_lora_rank,
+            q_lora_rank=self.q_lora_rank,
+            qk_nope_head_dim=hs if self.qk_nope_head_dim is None else self.qk_nope_head_dim,
+            qk_rope_head_dim=hs // 2 if self.qk_rope_head_dim is None else self.qk_rope_head_dim,
+            v_head_dim=hs if self.v_head_dim is None else self.v_head_dim,
+        )
+
+    @property
+    def rope_dim(self) -> int:
+        """Dimensions RoPE rotates per head: the whole head, or MLA's decoupled RoPE part."""
+        return self.mla_dims.qk_rope_head_dim if self.attention == "mla" else self.head_size
+
+    @property
+    def head_dims(self) -> tuple[int, int]:
+        """(query/key, value) width of each attention head, as attention computes them."""
+        if self.attention == "mla":
+            dims = self.mla_dims
+            return dims.qk_nope_head_dim + dims.qk_rope_head_dim, dims.v_head_dim
+        return self.head_size, self.head_size
+
+    @property
+    def kv_cache_dims(self) -> tuple[int, int, int]:
+        """(heads, k dim, v dim) that KVCache stores per token and layer; MLA: the latent and the shared RoPE key."""
+        if self.attention == "mla":
+            return 1, self.mla_dims.kv_lora_rank, self.mla_dims.qk_rope_head_dim
+        return self.kv_heads, self.head_size, self.head_size
 
     @property
     def kv_heads(self) -> int:
@@ -132,8 +261,9 @@ PRESETS: dict[str, dict] = {
 class KVCache:
     """Preallocated keys and values of every layer, for incremental decoding.
 
-    Each buffer is (n_layer, B, kv_heads, max_len, head_size): grouped-query attention caches
-    only its key/value heads. Two modes compute the same thing:
+    The buffers are (n_layer, B, heads, max_len, k_dim) and (..., v_dim) with config.kv_cache_dims:
+    grouped-query attention caches only its key/value heads; MLA caches its latent as "k" and its
+    RoPE key as "v", one of each per token. Two modes compute the same thing:
     - dynamic (default): attention reads only the ``pos`` positions written so far, so each new
       token costs O(context); best in eager mode.
     - static: the position lives in a tensor (``pos_t``) and attention always spans ``max_len``
@@ -144,15 +274,21 @@ class KVCache:
     def __init__(self, config: GPTConfig, batch_size: int, max_len: int, device=None, dtype=None, static=False):
         if max_len > config.block_size:
             raise ValueError(f"max_len {max_len} exceeds block_size {config.block_size}")
-        shape = (config.n_layer, batch_size, config.kv_heads, max_len, config.head_size)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        heads, k_dim, v_dim = config.kv_cache_dims
+        self.k = torch.zeros((config.n_layer, batch_size, heads, max_len, k_dim), device=device, dtype=dtype)
+        self.v = torch.zeros((config.n_layer, batch_size, heads, max_len, v_dim), device=device, dtype=dtype)
         self.max_len = max_len
         self.static = static
         self._pos = 0  # dynamic mode: positions written so far
         self.pos_t = torch.zeros((), dtype=torch.long, device=device)  # static mode: the same, as a tensor
         self._index: torch.Tensor | None = None  # this step's positions (T,)
         self._mask: torch.Tensor | None = None  # this step's attention mask (T, keys), None = attend to all
+
+    @property
+    def bytes_per_token(self) -> int:
+        """Cache bytes one token takes in one sequence: n_layer x heads x (k_dim + v_dim) x element size."""
+        per_token = self.k[:, 0, :, 0].numel() + self.v[:, 0, :, 0].numel()  # (n_layer, heads, dim) each
+        return per_token * self.k.element_size()
 
     @property
     def pos(self) -> int:
@@ -174,7 +310,7 @@ class KVCache:
         return torch.arange(past, past + T, device=device)
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
-        """Store k, v (B, nh, T, hs) of this step; return (keys, values, mask) to attend over."""
+        """Store k, v (B, heads, T, dim) of this step; return (keys, values, mask) to attend over."""
         if self.static:
             self.k[layer].index_copy_(2, self._index, k)
             self.v[layer].index_copy_(2, self._index, v)
@@ -211,14 +347,15 @@ YARN_BETA_FAST, YARN_BETA_SLOW = 32, 1
 
 
 def rope_frequencies(config: GPTConfig, device=None) -> tuple[torch.Tensor, float]:
-    """RoPE's inverse frequencies (head_size/2,) and the factor on cos/sin (YaRN's attention temperature).
+    """RoPE's inverse frequencies (rope_dim/2,) and the factor on cos/sin (YaRN's attention temperature).
 
     linear: every frequency divided by the factor s (position interpolation, Chen et al. 2023).
     yarn (Peng et al. 2023): dimensions that turn many times within the original context keep their
     frequency, slow ones are interpolated by s, a linear ramp in between; cos and sin are scaled by
-    0.1 ln s + 1 (the paper's sqrt(1/t), applied to q and k alike).
+    0.1 ln s + 1 (the paper's sqrt(1/t), applied to q and k alike). MLA takes that factor in its
+    softmax scale instead, as DeepSeek does, since only part of its q and k is rotated: 1 here.
     """
-    hs, theta, s = config.head_size, config.rope_theta, config.rope_factor
+    hs, theta, s = config.rope_dim, config.rope_theta, config.rope_factor
     inv_freq = 1.0 / theta ** (torch.arange(0, hs, 2, device=device, dtype=torch.float32) / hs)  # (hs/2,)
     if config.rope_scaling == "linear":
         return inv_freq / s, 1.0
@@ -233,7 +370,13 @@ def rope_frequencies(config: GPTConfig, device=None) -> tuple[torch.Tensor, floa
     high = min(math.ceil(dim_turning(YARN_BETA_SLOW)), hs - 1)
     ramp = ((torch.arange(hs // 2, device=device, dtype=torch.float32) - low) / max(high - low, 1e-3)).clamp(0, 1)
     inv_freq = inv_freq * (1 - ramp) + inv_freq / s * ramp  # ramp 0: extrapolate (keep), 1: interpolate
-    return inv_freq, (0.1 * math.log(s) + 1.0 if s > 1 else 1.0)
+    return inv_freq, (1.0 if config.attention == "mla" else yarn_mscale(config))
+
+
+def yarn_mscale(config: GPTConfig) -> float:
+    """YaRN's attention temperature sqrt(1/t) = 0.1 ln s + 1 on q and k; 1 without YaRN."""
+    s = config.rope_factor
+    return 0.1 * math.log(s) + 1.0 if config.rope_scaling == "yarn" and s > 1 else 1.0
 
 
 class Rotary(nn.Module):
@@ -246,7 +389,7 @@ class Rotary(nn.Module):
     def forward(self, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # recomputed each call (hs/2 numbers): no buffer to save, or to lose when a model is built on "meta"
         inv_freq, scale = rope_frequencies(self.config, pos.device)
-        angles = pos.float()[:, None] * inv_freq[None, :]  # (T, hs/2)
+        angles = pos.float()[:, None] * inv_freq[None, :]  # (T, hs/2), hs = config.rope_dim
         angles = torch.cat((angles, angles), dim=-1)  # (T, hs): the same angle for x_i and x_{i + hs/2}
         return angles.cos() * scale, angles.sin() * scale
 
@@ -300,6 +443,119 @@ class CausalSelfAttention(nn.Module):
         return self.resid_dropout(self.c_proj(y))
 
 
+# ----------------------------------------------------------------------------- DeepSeek's multi-head latent attention
+# DeepSeek's multi-head latent attention (MLA; DeepSeek-V2, 2024, sec. 2.1), a drop-in for CausalSelfAttention.
+#
+# Keys and values come out of one small latent c_kv per token (kv_lora_rank wide, RMS-normalised), and
+# positions out of one RoPE key per token shared by every head (qk_rope_head_dim wide), so a KV cache
+# holds kv_lora_rank + qk_rope_head_dim numbers per token and layer, not 2 x n_head x head_size:
+#
+#     q = W_uq RMSNorm(W_dq x)  (or W_q x)        per head: q_nope (qk_nope_head_dim), q_rope (qk_rope_head_dim)
+#     c_kv, k_rope = W_dkv x                        RMSNorm(c_kv) (kv_lora_rank), k_rope (one for all heads)
+#     k_nope_h, v_h = W_uk_h c_kv, W_uv_h c_kv      W_uk and W_uv are the rows of kv_b_proj
+#     score_h = (q_nope_h . k_nope_h + rope(q_rope_h) . rope(k_rope)) / sqrt(qk_nope_head_dim + qk_rope_head_dim)
+#
+# Two forms compute the same attention:
+# - naive (training, a full forward): k and v decompressed for every head, then F.scaled_dot_product_attention;
+# - absorbed (decoding with a KVCache, which stores only c_kv and rope(k_rope)): q_nope_h . (W_uk_h c) =
+#   (W_uk_h^T q_nope_h) . c, so each query moves into the latent space once and attends over the cached
+#   latents themselves; the weighted sum of latents becomes the head's value through W_uv_h at the end.
+#
+# Parameter names are transformers' DeepseekV3Attention's (q_proj, or q_a_proj + q_a_layernorm + q_b_proj;
+# kv_a_proj_with_mqa, kv_a_layernorm, kv_b_proj), but for the output projection: c_proj, as in every gpt2lab
+# block (o_proj there). Departures from DeepSeek, none of which change the function once weights are converted:
+# - RoPE in Llama's half-split layout; DeepSeek's checkpoints pair neighbouring dimensions (rope_interleave),
+#   so ``gpt2lab.hf_deepseek`` permutes those weight rows on the way in and out.
+# - Biases follow model.bias on the projections of x and on the output (DeepSeek's attention_bias), never on
+#   the up-projections out of the latents, as in DeepSeek.
+# - YaRN's attention temperature multiplies the softmax scale (squared), as DeepSeek's mscale_all_dim does.
+
+LATENT_NORM_EPS = 1e-6  # DeepSeek's RMSNorm on the q and kv latents keeps its default epsilon, not rms_norm_eps
+
+
+class MultiHeadLatentAttention(nn.Module):
+    """MLA: keys and values from a cached latent, positions from one shared RoPE key (naive and absorbed forms)."""
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        dims = config.mla_dims
+        self.config = config  # read at each call: a context extension (rope_scaling) changes the softmax scale
+        self.n_head, self.dropout = config.n_head, config.dropout
+        self.kv_lora_rank, self.q_lora_rank = dims.kv_lora_rank, dims.q_lora_rank
+        self.qk_nope_head_dim, self.qk_rope_head_dim, self.v_head_dim = (
+            dims.qk_nope_head_dim, dims.qk_rope_head_dim, dims.v_head_dim
+        )  # fmt: skip
+        C, qk_width = config.n_embd, config.n_head * (dims.qk_nope_head_dim + dims.qk_rope_head_dim)
+        if dims.q_lora_rank:  # low-rank query: down, RMSNorm, up (DeepSeek-V2/V3)
+            self.q_a_proj = nn.Linear(C, dims.q_lora_rank, bias=config.bias)
+            self.q_a_layernorm = nn.RMSNorm(dims.q_lora_rank, eps=LATENT_NORM_EPS)
+            self.q_b_proj = nn.Linear(dims.q_lora_rank, qk_width, bias=False)
+        else:  # a plain query projection (DeepSeek-V2-Lite)
+            self.q_proj = nn.Linear(C, qk_width, bias=config.bias)
+        self.kv_a_proj_with_mqa = nn.Linear(C, dims.kv_lora_rank + dims.qk_rope_head_dim, bias=config.bias)
+        self.kv_a_layernorm = nn.RMSNorm(dims.kv_lora_rank, eps=LATENT_NORM_EPS)
+        kv_width = config.n_head * (dims.qk_nope_head_dim + dims.v_head_dim)  # every head's k_nope and v
+        self.kv_b_proj = nn.Linear(dims.kv_lora_rank, kv_width, bias=False)
+        self.c_proj = nn.Linear(config.n_head * dims.v_head_dim, C, bias=config.bias)
+        self.c_proj.RESIDUAL_SCALE_INIT = True  # see GPT.init_weights
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    def forward(
+        self, x: torch.Tensor, kv_cache: KVCache | None = None, layer: int = 0, rope: tuple | None = None
+    ) -> torch.Tensor:
+        B, T, C = x.size()
+        q = self.query(x).view(B, T, self.n_head, -1).transpose(1, 2)  # (B, nh, T, nope + rope)
+        q_nope, q_rope = q.split([self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
+        c_kv, k_rope = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
+        c_kv = self.kv_a_layernorm(c_kv).unsqueeze(1)  # (B, 1, T, r): one latent per token, read by every head
+        q_rope, k_rope = apply_rope(q_rope, rope), apply_rope(k_rope.unsqueeze(1), rope)  # k_rope (B, 1, T, dr)
+        if kv_cache is None:
+            y = self.naive(q_nope, q_rope, c_kv, k_rope)
+        else:
+            y = self.absorbed(q_nope, q_rope, *kv_cache.update(layer, c_kv, k_rope))  # the latents of all positions
+        y = y.transpose(1, 2).reshape(B, T, self.n_head * self.v_head_dim)  # (B, T, nh * dv): re-assemble heads
+        return self.resid_dropout(self.c_proj(y))
+
+    def query(self, x: torch.Tensor) -> torch.Tensor:
+        """Every head's query (B, T, nh * (nope + rope)), through the query latent when q_lora_rank is set."""
+        if self.q_lora_rank:
+            return self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        return self.q_proj(x)
+
+    @property
+    def scale(self) -> float:
+        """Softmax scale: 1 / sqrt(qk_nope + qk_rope), times YaRN's temperature on q and on k when scaled."""
+        return yarn_mscale(self.config) ** 2 / math.sqrt(self.qk_nope_head_dim + self.qk_rope_head_dim)
+
+    def naive(self, q_nope, q_rope, c_kv, k_rope) -> torch.Tensor:
+        """Keys and values decompressed per head, then causal attention (training, a full forward): (B, nh, T, dv)."""
+        B, _, T, _ = c_kv.shape
+        kv = self.kv_b_proj(c_kv).view(B, T, self.n_head, -1).transpose(1, 2)  # (B, nh, T, nope + dv)
+        k_nope, v = kv.split([self.qk_nope_head_dim, self.v_head_dim], dim=-1)
+        q = torch.cat((q_nope, q_rope), dim=-1)  # (B, nh, T, nope + rope)
+        k = torch.cat((k_nope, k_rope.expand(-1, self.n_head, -1, -1)), dim=-1)  # every head, the one RoPE key
+        dropout_p = self.dropout if self.training else 0.0
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True, scale=self.scale)
+
+    def absorbed(self, q_nope, q_rope, c_kv, k_rope, mask: torch.Tensor | None) -> torch.Tensor:
+        """Attention over the cached latents (decoding), W_uk absorbed into the query and W_uv applied after.
+
+        c_kv (B, 1, S, r) and k_rope (B, 1, S, dr) hold every cached position; mask (T, S), None = all visible.
+        """
+        w_uk, w_uv = self.kv_b_proj.weight.view(self.n_head, -1, self.kv_lora_rank).split(
+            [self.qk_nope_head_dim, self.v_head_dim], dim=1
+        )  # (nh, nope, r), (nh, dv, r)
+        q_latent = q_nope @ w_uk  # (B, nh, T, r): q_nope_h . (W_uk_h c) = (W_uk_h^T q_nope_h) . c
+        scores = q_latent @ c_kv.transpose(-1, -2) + q_rope @ k_rope.transpose(-1, -2)  # (B, nh, T, S)
+        scores = scores * self.scale
+        if mask is not None:
+            scores = scores.masked_fill(~mask, float("-inf"))
+        attn = F.softmax(scores.float(), dim=-1).type_as(scores)
+        attn = F.dropout(attn, self.dropout, self.training)
+        y_latent = attn @ c_kv  # (B, nh, T, r): each head's weighted sum of latents
+        return y_latent @ w_uv.transpose(-1, -2)  # (B, nh, T, dv): W_uv_h once per query, not once per position
+
+
 class MLP(nn.Module):
     """GPT-2's MLP: Linear, tanh-approximate GELU, Linear."""
 
@@ -325,11 +581,12 @@ class ReLU2MLP(MLP):
 class SwiGLU(nn.Module):
     """Llama's MLP (Shazeer 2020): down(silu(gate(x)) * up(x))."""
 
-    def __init__(self, config: GPTConfig):
+    def __init__(self, config: GPTConfig, hidden: int | None = None):
         super().__init__()
-        self.c_gate = nn.Linear(config.n_embd, config.hidden, bias=config.bias)
-        self.c_fc = nn.Linear(config.n_embd, config.hidden, bias=config.bias)  # Llama's up_proj
-        self.c_proj = nn.Linear(config.hidden, config.n_embd, bias=config.bias)
+        hidden = hidden or config.hidden  # another width for MoE's shared experts
+        self.c_gate = nn.Linear(config.n_embd, hidden, bias=config.bias)
+        self.c_fc = nn.Linear(config.n_embd, hidden, bias=config.bias)  # Llama's up_proj
+        self.c_proj = nn.Linear(hidden, config.n_embd, bias=config.bias)
         self.c_proj.RESIDUAL_SCALE_INIT = True
         self.dropout = nn.Dropout(config.dropout)
 
@@ -340,13 +597,31 @@ class SwiGLU(nn.Module):
 MLPS = {"gelu": MLP, "swiglu": SwiGLU, "relu2": ReLU2MLP}
 
 
+def softcap(logits: torch.Tensor, cap: float) -> torch.Tensor:
+    """cap * tanh(logits / cap): every logit within (-cap, cap), nearly unchanged when small; cap 0 = unchanged."""
+    return cap * torch.tanh(logits / cap) if cap else logits
+
+
+def make_attention(config: GPTConfig) -> nn.Module:
+    """The attention picked by config.attention: multi-head (GPT-2; GQA/MQA) or multi-head latent (DeepSeek)."""
+    return MultiHeadLatentAttention(config) if config.attention == "mla" else CausalSelfAttention(config)
+
+
+def make_mlp(config: GPTConfig, layer: int) -> nn.Module:
+    """The MLP of block `layer`: the dense one picked by config.mlp, or a mixture of experts (gpt2lab.moe)."""
+    if layer not in config.moe_layer_ids:
+        return MLPS[config.mlp](config)
+    shared = config.n_shared_experts * config.expert_hidden
+    return MoE(config, SwiGLU(config, shared) if shared else None)
+
+
 class Block(nn.Module):
-    def __init__(self, config: GPTConfig):
+    def __init__(self, config: GPTConfig, layer: int = 0):
         super().__init__()
         self.ln_1 = make_norm(config, config.n_embd)
-        self.attn = CausalSelfAttention(config)
+        self.attn = make_attention(config)
         self.ln_2 = make_norm(config, config.n_embd)
-        self.mlp = MLPS[config.mlp](config)
+        self.mlp = make_mlp(config, layer)
 
     def forward(
         self, x: torch.Tensor, kv_cache: KVCache | None = None, layer: int = 0, rope: tuple | None = None
@@ -364,7 +639,7 @@ class GPT(nn.Module):
             dict(
                 wte=nn.Embedding(config.embedding_rows, config.n_embd),
                 drop=nn.Dropout(config.dropout),
-                h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+                h=nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
                 ln_f=make_norm(config, config.n_embd),
             )
         )
@@ -388,6 +663,8 @@ class GPT(nn.Module):
         - Residual output projections (attn.c_proj, mlp.c_proj): std 0.02 / sqrt(2 * n_layer),
           so the residual stream's variance does not grow with depth (GPT-2 paper, sec. 2.3).
         - LayerNorm: weight 1, bias 0; RMSNorm: weight 1.
+        - MoE's routed experts, as their Linear counterparts: gate_up_proj std 0.02, down_proj residual_std;
+          the router's balancing bias: 0.
         """
         residual_std = 0.02 / math.sqrt(2 * self.config.n_layer)
         for module in self.modules():
@@ -402,6 +679,11 @@ class GPT(nn.Module):
                 nn.init.ones_(module.weight)
                 if getattr(module, "bias", None) is not None:
                     nn.init.zeros_(module.bias)
+            elif isinstance(module, moe.Experts):
+                nn.init.normal_(module.gate_up_proj, mean=0.0, std=0.02)
+                nn.init.normal_(module.down_proj, mean=0.0, std=residual_std)
+            elif isinstance(module, MoE):
+                nn.init.zeros_(module.e_score_correction_bias)
 
     def num_params(self, non_embedding: bool = True) -> int:
         """Parameter count (tied weights counted once); by default without position embeddings."""
@@ -411,13 +693,18 @@ class GPT(nn.Module):
         return n
 
     def flops_per_token(self, seq_len: int | None = None) -> int:
-        """Training FLOPs per token: 6N + 12·L·H·Q·T (PaLM paper, appendix B)."""
+        """Training FLOPs per token: 6N + 12·L·H·Q·T (PaLM paper, appendix B).
+
+        6·L·H·(Q_qk + Q_v)·T in general: the scores (Q_qk wide) and the weighted values (Q_v wide),
+        which differ under MLA (qk_nope_head_dim + qk_rope_head_dim, v_head_dim).
+        """
         cfg = self.config
         T = seq_len or cfg.block_size
         n = self.num_params()  # every weight is a matmul but the embeddings (a lookup), unless tied to the head
         if not cfg.tie_embeddings:
             n -= self.transformer.wte.weight.numel()
-        return 6 * n + 12 * cfg.n_layer * cfg.n_head * cfg.head_size * T
+        n -= sum(m.inactive_params() for m in self.moe_layers())  # MoE: only the k chosen experts compute
+        return 6 * n + 6 * cfg.n_layer * cfg.n_head * sum(cfg.head_dims) * T
 
     def forward_hidden(self, idx: torch.Tensor, kv_cache: KVCache | None = None) -> torch.Tensor:
         """The final hidden states (B, T, n_embd), after ln_f and before the LM head."""
@@ -432,7 +719,7 @@ class GPT(nn.Module):
         if "wpe" in self.transformer:
             x = x + self.transformer.wpe(pos)
         x = self.transformer.drop(x)
-        rope = self.rotary(pos) if self.rotary is not None else None  # (cos, sin), each (T, head_size)
+        rope = self.rotary(pos) if self.rotary is not None else None  # (cos, sin), each (T, rope_dim)
         for i, block in enumerate(self.transformer.h):
             if self.activation_checkpointing and self.training and kv_cache is None:
                 x = checkpoint(block, x, None, i, rope, use_reentrant=False)
@@ -440,6 +727,9 @@ class GPT(nn.Module):
                 x = block(x, kv_cache, i, rope)
         if kv_cache is not None:
             kv_cache.advance(T)
+        if self.training:  # here, after the blocks: a block recomputed in the backward pass is not counted twice
+            for m in self.moe_layers():
+                m.record_load()
         return self.transformer.ln_f(x)
 
     def forward(
@@ -451,13 +741,40 @@ class GPT(nn.Module):
         so they are never sampled and never enter the loss. With ``ce_chunk_size`` set and
         targets given, the logits are never materialised and None is returned in their place.
         """
+        cfg = self.config
         x = self.forward_hidden(idx, kv_cache)
         if targets is not None and self.ce_chunk_size:
-            return None, linear_cross_entropy(
-                x, self.lm_head.weight, targets, self.config.vocab_size, self.ce_chunk_size
+            return None, self.with_aux_loss(
+                linear_cross_entropy(
+                    x, self.lm_head.weight, targets, cfg.vocab_size, self.ce_chunk_size, cfg.logit_softcap
+                )  # fmt: skip
             )
-        logits = self.lm_head(x)[..., : self.config.vocab_size]  # (B, T, V): padded rows sliced off
+        logits = self.logits(x)  # (B, T, V)
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+            loss = self.with_aux_loss(loss)
         return logits, loss
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The LM head on final hidden states: (..., vocab_size), padded rows sliced off, soft-capped if set."""
+        return softcap(self.lm_head(hidden)[..., : self.config.vocab_size], self.config.logit_softcap)
+
+    # ------------------------------------------------------------------------- mixture of experts (gpt2lab.moe)
+
+    def moe_layers(self) -> list[MoE]:
+        """The MoE blocks' MLPs (none for a dense model)."""
+        return [block.mlp for block in self.transformer.h if isinstance(block.mlp, MoE)]
+
+    def with_aux_loss(self, loss: torch.Tensor) -> torch.Tensor:
+        """The loss plus MoE's auxiliary load-balancing loss when training with model.moe_aux_loss_coef > 0."""
+        aux = moe.aux_loss(self.moe_layers()) if self.training else None
+        return loss if aux is None else loss + aux
+
+    def update_moe_bias(self) -> None:
+        """After each optimizer step: DeepSeek-V3's balancing bias update from the step's expert loads (all ranks)."""
+        moe.update_biases(self.moe_layers())
+
+    def moe_stats(self) -> dict:
+        """The last step's expert balance, for the metrics: {} for a dense model."""
+        return moe.load_stats(self.moe_layers())

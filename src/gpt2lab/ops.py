@@ -14,10 +14,10 @@ import torch
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
-    """Mean cross-entropy of (hidden @ weight.T)[:, :vocab_size] against targets (-1 ignored)."""
+    """Mean cross-entropy of softcap((hidden @ weight.T)[:, :vocab_size]) against targets (-1 ignored)."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, vocab_size: int, chunk_size: int):
+    def forward(ctx, hidden, weight, targets, vocab_size: int, chunk_size: int, softcap: float = 0.0):
         N = hidden.size(0)
         need_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
         grad_hidden = torch.empty_like(hidden) if need_grad else None
@@ -28,6 +28,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
             h = hidden[start : start + chunk_size]  # (n, C)
             t = targets[start : start + chunk_size]  # (n,)
             logits = (h @ weight.t()).float()  # (n, Vp); autocast decides the matmul dtype
+            if softcap:  # c tanh(z / c); its derivative 1 - tanh^2 scales the gradient below
+                squash = logits.div_(softcap).tanh_()
+                logits = squash * softcap
             if logits.size(1) > vocab_size:
                 logits[:, vocab_size:] = float("-inf")  # padded rows: never in the loss
             valid = t != -1
@@ -39,6 +42,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 g = logits.sub_(lse[:, None]).exp_()
                 g.scatter_add_(1, t_safe, -torch.ones_like(t_safe, dtype=g.dtype))
                 g.mul_(valid[:, None])
+                if softcap:
+                    g.mul_(1 - squash.square())
                 g = g.to(h.dtype)
                 grad_hidden[start : start + chunk_size] = g @ weight.to(h.dtype)
                 grad_weight += (g.t() @ h).float()
@@ -52,17 +57,23 @@ class _LinearCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_loss):
         grad_hidden, grad_weight, scale = ctx.saved_tensors
         s = grad_loss * scale
-        return grad_hidden * s.to(grad_hidden.dtype), (grad_weight * s).to(ctx.weight_dtype), None, None, None
+        return grad_hidden * s.to(grad_hidden.dtype), (grad_weight * s).to(ctx.weight_dtype), None, None, None, None
 
 
 def linear_cross_entropy(
-    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, vocab_size: int, chunk_size: int = 8192
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    vocab_size: int,
+    chunk_size: int = 8192,
+    softcap: float = 0.0,
 ) -> torch.Tensor:
     """Mean cross-entropy of the LM head's logits, computed chunk by chunk.
 
     hidden (B, T, C) or (N, C); weight (V_padded, C); targets matching hidden's leading dims.
-    Equals ``F.cross_entropy((hidden @ weight.T)[..., :vocab_size], targets, ignore_index=-1)``.
+    Equals ``F.cross_entropy((hidden @ weight.T)[..., :vocab_size], targets, ignore_index=-1)``, with the
+    logits first soft-capped to softcap * tanh(logits / softcap) when softcap > 0 (model.softcap).
     """
     return _LinearCrossEntropy.apply(
-        hidden.reshape(-1, hidden.size(-1)), weight, targets.reshape(-1), vocab_size, chunk_size
+        hidden.reshape(-1, hidden.size(-1)), weight, targets.reshape(-1), vocab_size, chunk_size, softcap
     )

@@ -92,14 +92,15 @@ class MetricsLog:
                 str(run_dir / "tb"), purge_step=None if resume_step is None else resume_step + 1
             )
 
-    def log(self, step: int, **values: float) -> None:
+    def log(self, step: int, **values: float | list) -> None:
         if not self.enabled:
             return
         self.file.write(json.dumps({"step": step, **values}) + "\n")
         self.file.flush()
         if self.writer is not None:
             for key, value in values.items():
-                self.writer.add_scalar(key, value, step)
+                if isinstance(value, int | float):  # lists (MoE's expert shares) stay in metrics.jsonl
+                    self.writer.add_scalar(key, value, step)
 
     def close(self) -> None:
         if self.enabled:

@@ -197,6 +197,7 @@ def train_step(
     loss_value, norm_value, stop_value = stats.tolist()
     if math.isfinite(loss_value) and math.isfinite(norm_value):
         optimizer.step()
+    raw_model.update_moe_bias()  # MoE: the step's expert loads (all ranks) steer the balancing bias; else nothing
     if scaler is not None:
         scaler.update()  # an inf/NaN gradient (found by unscale_) halves the scale, else it may grow
     return loss_value, norm_value, stop_value > 0
@@ -528,9 +529,11 @@ def loop(run: Run, stop: StopSignals) -> Path | None:
                         del record["grad_norm"]  # not a number JSON can hold; the skip is counted instead
                 if peak:
                     record["mfu"] = flops_per_token * tps / (peak * ws)
+                record |= run.raw_model.moe_stats()  # MoE: max/mean expert load and each block's expert shares
                 log.log(step, **record)
                 mfu = f" | MFU {record['mfu']:6.1%}" if peak else ""
                 mfu += f" | skipped {run.skipped_steps}" if run.skipped_steps else ""
+                mfu += f" | moe max/mean {record['moe_load_max_over_mean']:.2f}" if "moe_load" in record else ""
                 _print0(
                     info,
                     f"step {step:>6}/{cfg.train.max_steps} | loss {loss:.4f} | lr {lr:.2e} | norm {norm:.3f} | "

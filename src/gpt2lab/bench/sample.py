@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 
@@ -22,23 +23,24 @@ import torch
 from gpt2lab.bench.stats import ratio
 from gpt2lab.errors import Gpt2LabError
 from gpt2lab.generate import generate_ids
-from gpt2lab.model import GPT, GPTConfig
+from gpt2lab.model import GPT, GPTConfig, KVCache
 
 
 def to_transformers(model: GPT):
-    """A transformers GPT2LMHeadModel holding the same weights (same device and dtype), in eval mode."""
+    """The transformers model that `gpt2lab export` makes of this one (GPT-2, Llama, Qwen3, DeepSeek-V3), same
+    weights, device and dtype, in eval mode; a model no transformers class implements is refused, naming the switch."""
     try:
-        from transformers import GPT2Config, GPT2LMHeadModel
+        from transformers import AutoModelForCausalLM
     except ImportError:
         raise Gpt2LabError("gpt2lab bench sample compares against transformers: pip install 'gpt2lab[hf]'") from None
-    from gpt2lab.hf import config_to_hf, to_hf_state_dict
+    from gpt2lab.hf import export_hf
 
     param = next(model.parameters())
-    hf = GPT2LMHeadModel(GPT2Config(**config_to_hf(model.config)))
-    missing, unexpected = hf.load_state_dict(to_hf_state_dict(model), strict=False)
-    if [k for k in missing if k != "lm_head.weight"] or unexpected:
-        raise RuntimeError(f"weight conversion mismatch: missing {missing}, unexpected {unexpected}")
-    hf.tie_weights()
+    with tempfile.TemporaryDirectory() as folder:
+        export_hf(model, folder)  # the conversion `gpt2lab export` does, tested against transformers per family
+        hf, info = AutoModelForCausalLM.from_pretrained(folder, output_loading_info=True)
+    if info["missing_keys"] or info["unexpected_keys"]:
+        raise RuntimeError(f"weight conversion mismatch: {info}")
     return hf.to(device=param.device, dtype=param.dtype).eval()
 
 
@@ -154,6 +156,12 @@ def bench_sample(args: argparse.Namespace) -> int:
         f"{args.new_tokens} new tokens, {'greedy' if args.temperature == 0 else f'T={args.temperature}'}, "
         f"median of {args.repeats} after {args.warmup} warmup; torch {torch.__version__}, "
         f"transformers {transformers.__version__}"
+    )
+    heads, k_dim, v_dim = model.config.kv_cache_dims  # MLA: its latent and RoPE key, one each per token and layer
+    kv_bytes = KVCache(model.config, 1, 1, device="meta", dtype=next(model.parameters()).dtype).bytes_per_token
+    console.print(
+        f"KV cache: {kv_bytes:,} bytes per token ({model.config.attention}: {model.config.n_layer} layers x {heads} "
+        f"x ({k_dim} + {v_dim}) numbers x {next(model.parameters()).element_size()} bytes)"
     )
     from gpt2lab.train import peak_flops
 

@@ -86,8 +86,8 @@ def score_batch(model: GPT, pairs: Sequence[Pair], device: str | torch.device) -
     mask = targets >= 0  # (B, T)
     with autocast(device):
         hidden = model.forward_hidden(idx)  # (B, T, C)
-        logits = model.lm_head(hidden[mask])  # (N, V_padded): continuation positions only
-    logits = logits[:, : model.config.vocab_size].float()  # (N, V)
+        logits = model.logits(hidden[mask])  # (N, V): continuation positions only
+    logits = logits.float()
     tgt = targets[mask]  # (N,)
     losses = F.cross_entropy(logits, tgt, reduction="none")  # (N,)
     missed = (logits.argmax(-1) != tgt).to(torch.int64)  # (N,)
