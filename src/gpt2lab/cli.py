@@ -134,9 +134,11 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 def add_plot(sub) -> None:
-    p = sub.add_parser("plot", help="draw a run's loss, HellaSwag, learning rate and throughput to a PNG")
-    p.add_argument("run_dir", help="a run folder holding metrics.jsonl")
-    p.add_argument("--out", default=None, help="PNG path (default: RUN_DIR/curves.png)")
+    p = sub.add_parser(
+        "plot", help="draw a run's loss, HellaSwag, learning rate and throughput to a PNG; several runs: compare them"
+    )
+    p.add_argument("run_dir", nargs="+", help="run folders holding metrics.jsonl; the first sets the target loss")
+    p.add_argument("--out", default=None, help="PNG path (default: RUN_DIR/curves.png; several runs: compare.png)")
     p.set_defaults(func=run_plot)
 
 
@@ -144,6 +146,25 @@ def run_plot(args: argparse.Namespace) -> int:
     from gpt2lab.plot import plot_command
 
     return plot_command(args)
+
+
+def add_ablate(sub) -> None:
+    p = sub.add_parser("ablate", help="train a base config and variants of it, then compare them (tokens to target)")
+    p.add_argument("config", help="the base TOML preset, e.g. configs/shakespeare.toml (the first row, 'base')")
+    p.add_argument(
+        "--variant", action="append", default=[], metavar="NAME:SECTION.KEY=VALUE[,...]",
+        help="a variant of the base, e.g. relu2:model.mlp=relu2,model.qk_norm=true (repeat for more)",
+    )  # fmt: skip
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override for every run")
+    p.add_argument("--runs-dir", default=None, help="folder of the runs, one per variant (default: runs/ablate-NAME)")
+    p.add_argument("--out", default=None, help="PNG path of the comparison (default: RUNS_DIR/compare.png)")
+    p.set_defaults(func=run_ablate)
+
+
+def run_ablate(args: argparse.Namespace) -> int:
+    from gpt2lab.ablate import ablate_command
+
+    return ablate_command(args)
 
 
 # ----------------------------------------------------------------------------- eval (issue: evaluation)
@@ -170,6 +191,10 @@ def _eval_loss_args(p: argparse.ArgumentParser, required: bool) -> None:
     p.add_argument("--split", default="val", help="the split to score: train or val")
     p.add_argument("--seq-len", type=int, default=None, help="window length (default: the model's block size)")
     p.add_argument("--max-batches", type=int, default=None, help="score only the first N batches per rank")
+    p.add_argument(
+        "--rope-scaling", default=None, choices=["none", "linear", "yarn"],
+        help="a RoPE model read at a --seq-len past its trained context: yarn, linear or none (extrapolate)",
+    )  # fmt: skip
 
 
 def _eval_wikitext_args(p: argparse.ArgumentParser) -> None:
@@ -301,7 +326,7 @@ def add_bench(sub) -> None:
 
 # ----------------------------------------------------------------------------- main
 
-SUBCOMMANDS = [add_sample, add_export, add_data, add_train, add_plot, add_eval, add_bench]
+SUBCOMMANDS = [add_sample, add_export, add_data, add_train, add_plot, add_ablate, add_eval, add_bench]
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):

@@ -187,7 +187,9 @@ def download(repo_id: str) -> Path:
 
 
 # the [model] switches beyond GPT-2, whose defaults are GPT-2's: a model that changes any has no GPT2LMHeadModel form
-_BEYOND_GPT2 = "norm qk_norm pos_embedding mlp mlp_hidden n_kv_head bias tie_embeddings logit_softcap".split()
+_BEYOND_GPT2 = (
+    "norm qk_norm pos_embedding mlp mlp_hidden n_kv_head bias tie_embeddings logit_softcap x0_skip value_embeddings"
+).split()
 GPT2_SWITCHES = {f.name: f.default for f in dataclasses.fields(GPTConfig) if f.name in _BEYOND_GPT2}
 
 

@@ -15,7 +15,8 @@ from gpt2lab.model import GPTConfig
 
 FAMILIES = {"llama": "LlamaForCausalLM", "qwen3": "Qwen3ForCausalLM"}
 # what the network must be for either family (qk_norm then picks Qwen3 over Llama)
-REQUIRED = {"pos_embedding": "rope", "norm": "rmsnorm", "mlp": "swiglu", "bias": False, "logit_softcap": 0.0}
+REQUIRED = {"pos_embedding": "rope", "norm": "rmsnorm", "mlp": "swiglu", "bias": False, "logit_softcap": 0.0,
+            "x0_skip": False, "value_embeddings": False}  # fmt: skip
 
 # per layer: Hugging Face name -> gpt2lab name (q, k and v are slices of attn.c_attn.weight)
 LAYER_NAMES = {

@@ -22,7 +22,10 @@ builds exactly the network above): ``norm`` (LayerNorm or RMSNorm, Zhang & Sennr
 Su et al. 2021, in Llama's half-split layout), ``mlp`` (GELU, SwiGLU as in Llama, or ReLU² as in
 modded-nanogpt), ``n_kv_head`` (grouped-query attention, Ainslie et al. 2023; 1 = multi-query),
 ``attention`` (``mla``: DeepSeek's multi-head latent attention), ``bias`` and
-``tie_embeddings``, and ``logit_softcap`` (Gemma 2's final-logit soft cap).
+``tie_embeddings``, and ``logit_softcap`` (Gemma 2's final-logit soft cap). Three recipe switches of
+modded-nanogpt and nanochat: ``zero_init_proj`` (zero-initialised residual projections, see init_weights),
+``x0_skip`` (the embeddings mixed into every block's input through learnable scalars, ``X0Skip``) and
+``value_embeddings`` (a token's own vector added to its attention values in every other block).
 
 The module holds the network only: no I/O, no training, no tokenizer.
 """
@@ -86,6 +89,10 @@ class GPTConfig:
     bias: bool = True  # biases in the linear layers and LayerNorms
     tie_embeddings: bool = True  # the LM head shares the token embedding's weight
     logit_softcap: float = 0.0  # final logits squashed to (-c, c) by c tanh(z / c) (Gemma 2, modded-nanogpt); 0 = off
+    # recipe switches (modded-nanogpt, nanochat); off = GPT-2
+    zero_init_proj: bool = False  # residual output projections start at zero instead of std 0.02 / sqrt(2 n_layer)
+    x0_skip: bool = False  # block i reads resid_lambda_i x + x0_lambda_i x0, x0 the embeddings (starts at 1, 0)
+    value_embeddings: bool = False  # every other block (the last included) adds a token's own vector to its values
     # mixture of experts (gpt2lab.moe): routed SwiGLU experts in place of the MLP of the blocks in moe_layers
     n_experts: int = 0  # routed experts per MoE block; 0 = no MoE (every block has the dense MLP)
     experts_per_token: int = 2  # k: routed experts each token goes through (top-k)
@@ -114,6 +121,8 @@ class GPTConfig:
         if self.pos_embedding == "rope" and self.rope_dim % 2:
             which = "model.qk_rope_head_dim" if self.attention == "mla" else "n_embd / n_head"
             raise ValueError(f"RoPE needs an even head size ({which} = {self.rope_dim})")
+        if self.value_embeddings and self.attention != "mha":
+            raise ValueError("model.value_embeddings needs model.attention=mha (MLA caches a latent, not values)")
         if self.logit_softcap < 0:
             raise ValueError(f"model.logit_softcap must be >= 0 (0 = off; got {self.logit_softcap})")
         if self.mlp_hidden is not None and self.mlp_hidden < 1:
@@ -181,6 +190,11 @@ class GPTConfig:
             raise ValueError(f"model.moe_layers must be all, every_other or block indices 0 .. {self.n_layer - 1} "
                              f'like "1,3" (got {self.moe_layers!r})')  # fmt: skip
         return ids
+
+    @property
+    def value_embedding_layers(self) -> tuple[int, ...]:
+        """Blocks with value embeddings: every other one, ending with the last (nanochat); none when off."""
+        return tuple(range((self.n_layer - 1) % 2, self.n_layer, 2)) if self.value_embeddings else ()
 
     @property
     def head_size(self) -> int:
@@ -419,11 +433,18 @@ class CausalSelfAttention(nn.Module):
         self.k_norm = nn.RMSNorm(self.head_size, eps=config.layer_norm_epsilon) if qk_norm else nn.Identity()
 
     def forward(
-        self, x: torch.Tensor, kv_cache: KVCache | None = None, layer: int = 0, rope: tuple | None = None
+        self,
+        x: torch.Tensor,
+        kv_cache: KVCache | None = None,
+        layer: int = 0,
+        rope: tuple | None = None,
+        ve: torch.Tensor | None = None,
     ) -> torch.Tensor:
         B, T, C = x.size()
         kv_width = self.n_kv_head * self.head_size
         q, k, v = self.c_attn(x).split([C, kv_width, kv_width], dim=2)
+        if ve is not None:  # value embeddings (B, T, kv_width): the tokens' own vectors added to their values
+            v = v + ve
         q = self.q_norm(q.view(B, T, self.n_head, self.head_size)).transpose(1, 2)  # (B, nh, T, hs)
         k = self.k_norm(k.view(B, T, self.n_kv_head, self.head_size)).transpose(1, 2)  # (B, n_kv, T, hs)
         v = v.view(B, T, self.n_kv_head, self.head_size).transpose(1, 2)  # (B, n_kv, T, hs)
@@ -615,6 +636,23 @@ def make_mlp(config: GPTConfig, layer: int) -> nn.Module:
     return MoE(config, SwiGLU(config, shared) if shared else None)
 
 
+class X0Skip(nn.Module):
+    """The embedding skip of modded-nanogpt and nanochat: block i reads resid_lambdas[i] x + x0_lambdas[i] x0.
+
+    x0 is the block stack's input (the embeddings), so every block sees the tokens themselves beside the
+    residual stream. Learnable scalars per block, starting at 1 and 0 (init_weights): a fresh model computes
+    what GPT-2 computes. (nanochat starts them elsewhere; here the switch alone changes nothing at step 0.)
+    """
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.resid_lambdas = nn.Parameter(torch.ones(config.n_layer))
+        self.x0_lambdas = nn.Parameter(torch.zeros(config.n_layer))
+
+    def forward(self, x: torch.Tensor, x0: torch.Tensor, layer: int) -> torch.Tensor:
+        return self.resid_lambdas[layer] * x + self.x0_lambdas[layer] * x0
+
+
 class Block(nn.Module):
     def __init__(self, config: GPTConfig, layer: int = 0):
         super().__init__()
@@ -624,9 +662,15 @@ class Block(nn.Module):
         self.mlp = make_mlp(config, layer)
 
     def forward(
-        self, x: torch.Tensor, kv_cache: KVCache | None = None, layer: int = 0, rope: tuple | None = None
+        self,
+        x: torch.Tensor,
+        kv_cache: KVCache | None = None,
+        layer: int = 0,
+        rope: tuple | None = None,
+        ve: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), kv_cache, layer, rope)
+        values = () if ve is None else (ve,)  # value embeddings, for blocks that have them (multi-head attention)
+        x = x + self.attn(self.ln_1(x), kv_cache, layer, rope, *values)
         x = x + self.mlp(self.ln_2(x))
         return x
 
@@ -646,6 +690,13 @@ class GPT(nn.Module):
         if config.pos_embedding == "learned":  # GPT-2: a learned vector per position, added to the input
             self.transformer.wpe = nn.Embedding(config.block_size, config.n_embd)
         self.rotary = Rotary(config) if config.pos_embedding == "rope" else None  # RoPE: rotates q and k instead
+        self.x0_skip = X0Skip(config) if config.x0_skip else None  # the embeddings mixed into every block's input
+        # value embeddings (ResFormer; modded-nanogpt, nanochat): a table per block that has them, read by token id;
+        # built from zeros, as a random draw here would shift the seed's stream and every other weight with it
+        rows, width = config.embedding_rows, config.kv_heads * config.head_size
+        self.value_embeds = nn.ModuleDict(
+            {str(i): nn.Embedding(rows, width, _weight=torch.zeros(rows, width)) for i in config.value_embedding_layers}
+        )
         self.lm_head = nn.Linear(config.n_embd, config.embedding_rows, bias=False)
         if config.tie_embeddings:
             self.transformer.wte.weight = self.lm_head.weight  # weight tying
@@ -665,8 +716,16 @@ class GPT(nn.Module):
         - LayerNorm: weight 1, bias 0; RMSNorm: weight 1.
         - MoE's routed experts, as their Linear counterparts: gate_up_proj std 0.02, down_proj residual_std;
           the router's balancing bias: 0.
+        - model.zero_init_proj: those residual output projections (MLA's c_proj and the experts' down_proj
+          too) 0, so every block starts as the identity (modded-nanogpt, nanochat).
+        - model.x0_skip: resid_lambdas 1, x0_lambdas 0.
+        - model.value_embeddings: the tables 0, so a fresh model computes GPT-2's values (nanochat starts them
+          random behind a gate); the gradient reaches them from the first step.
         """
-        residual_std = 0.02 / math.sqrt(2 * self.config.n_layer)
+        # zero_init_proj: drawn from N(0, 0), i.e. exact zeros, with the same random draws as GPT-2's init,
+        # so every other weight is the one GPT-2's init gives for the same seed (an ablation changes one thing)
+        residual_std = 0.0 if self.config.zero_init_proj else 0.02 / math.sqrt(2 * self.config.n_layer)
+        value_tables = set(self.value_embeds.values())
         for module in self.modules():
             if isinstance(module, nn.Linear):
                 std = residual_std if getattr(module, "RESIDUAL_SCALE_INIT", False) else 0.02
@@ -674,7 +733,10 @@ class GPT(nn.Module):
                 if module.bias is not None:
                     nn.init.zeros_(module.bias)
             elif isinstance(module, nn.Embedding):
-                nn.init.normal_(module.weight, mean=0.0, std=0.02)
+                if module in value_tables:  # zeros draw nothing: every other weight stays GPT-2's for the seed
+                    nn.init.zeros_(module.weight)
+                else:
+                    nn.init.normal_(module.weight, mean=0.0, std=0.02)
             elif isinstance(module, (nn.LayerNorm, nn.RMSNorm)):
                 nn.init.ones_(module.weight)
                 if getattr(module, "bias", None) is not None:
@@ -684,6 +746,9 @@ class GPT(nn.Module):
                 nn.init.normal_(module.down_proj, mean=0.0, std=residual_std)
             elif isinstance(module, MoE):
                 nn.init.zeros_(module.e_score_correction_bias)
+            elif isinstance(module, X0Skip):
+                nn.init.ones_(module.resid_lambdas)
+                nn.init.zeros_(module.x0_lambdas)
 
     def num_params(self, non_embedding: bool = True) -> int:
         """Parameter count (tied weights counted once); by default without position embeddings."""
@@ -703,6 +768,7 @@ class GPT(nn.Module):
         n = self.num_params()  # every weight is a matmul but the embeddings (a lookup), unless tied to the head
         if not cfg.tie_embeddings:
             n -= self.transformer.wte.weight.numel()
+        n -= sum(p.numel() for p in self.value_embeds.parameters())  # lookups too
         n -= sum(m.inactive_params() for m in self.moe_layers())  # MoE: only the k chosen experts compute
         return 6 * n + 6 * cfg.n_layer * cfg.n_head * sum(cfg.head_dims) * T
 
@@ -718,13 +784,16 @@ class GPT(nn.Module):
         x = self.transformer.wte(idx)  # (B, T, C)
         if "wpe" in self.transformer:
             x = x + self.transformer.wpe(pos)
-        x = self.transformer.drop(x)
+        x = x0 = self.transformer.drop(x)
         rope = self.rotary(pos) if self.rotary is not None else None  # (cos, sin), each (T, rope_dim)
         for i, block in enumerate(self.transformer.h):
+            if self.x0_skip is not None:
+                x = self.x0_skip(x, x0, i)
+            ve = self.value_embeds[str(i)](idx) if str(i) in self.value_embeds else None  # (B, T, kv_width)
             if self.activation_checkpointing and self.training and kv_cache is None:
-                x = checkpoint(block, x, None, i, rope, use_reentrant=False)
+                x = checkpoint(block, x, None, i, rope, ve, use_reentrant=False)
             else:
-                x = block(x, kv_cache, i, rope)
+                x = block(x, kv_cache, i, rope, ve)
         if kv_cache is not None:
             kv_cache.advance(T)
         if self.training:  # here, after the blocks: a block recomputed in the backward pass is not counted twice

@@ -2,6 +2,8 @@
 
 Four panels: train and val loss, HellaSwag accuracy, learning rate, throughput (tokens/s, with
 MFU on a second axis when the run logged it). Panels without data say so instead of vanishing.
+`gpt2lab plot RUN RUN ...` compares runs instead: the table of ``gpt2lab.compare`` on stdout and
+their val loss against tokens and against training time, two panels on one PNG.
 Matplotlib runs on its Agg backend, so no display is needed.
 """
 
@@ -80,7 +82,57 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     return out
 
 
+def compare_figure(runs: list):
+    """A figure of the runs' val loss (gpt2lab.compare.RunSummary) against tokens and training seconds."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (by_tokens, by_time) = plt.subplots(1, 2, figsize=(13, 5))
+    for run in runs:
+        if run.val:
+            tokens, losses = zip(*run.val)
+            by_tokens.plot(tokens, losses, marker="o", label=run.name)
+            by_time.plot(run.val_seconds, losses, marker="o", label=run.name)
+    if runs[0].final_val is not None:  # the target every run is measured against
+        for ax in (by_tokens, by_time):
+            ax.axhline(runs[0].final_val, color="gray", linestyle="--", linewidth=1, label=f"{runs[0].name} final")
+    for ax, what, xlabel in ((by_tokens, "tokens", "tokens"), (by_time, "training time", "training time (s)")):
+        ax.set_title(f"val loss vs {what}")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("val loss (nats)")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    return fig
+
+
+def plot_compare(runs: list, out: str | Path) -> Path:
+    """Draw the runs' val curves (two panels) to the PNG out; return its path."""
+    import matplotlib.pyplot as plt
+
+    fig = compare_figure(runs)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
+
+
+def compare_command(run_dirs: list[str], out: str | Path, names: list[str] | None = None) -> Path:
+    """Print the comparison table of the run folders and draw their curves to out."""
+    from gpt2lab.compare import format_table, summarize
+
+    runs = [summarize(d, name) for d, name in zip(run_dirs, names or [None] * len(run_dirs))]
+    print(format_table(runs))
+    return plot_compare(runs, out)
+
+
 def plot_command(args: argparse.Namespace) -> int:
-    out = plot_run(args.run_dir, args.out)
+    if len(args.run_dir) == 1:
+        out = plot_run(args.run_dir[0], args.out)
+    else:
+        out = compare_command(args.run_dir, args.out or "compare.png")
     print(f"wrote {out}")
     return 0

@@ -43,6 +43,10 @@ def _run_task(task: str, model, tokenizer: Tokenizer, args: argparse.Namespace, 
         )
     from gpt2lab.eval.loss import run_loss
 
+    if args.rope_scaling is not None or (args.seq_len or 0) > model.config.block_size:  # loss runs last in `all`
+        from gpt2lab.generate import extend_context
+
+        extend_context(model.config, args.seq_len or model.config.block_size, args.rope_scaling or "none")
     return run_loss(
         model, info.device, args.data, args.split, seq_len=args.seq_len, max_batches=args.max_batches, **common
     )
