@@ -95,3 +95,12 @@ def test_plot_one_run_keeps_the_four_panel_plot(runs, capsys):
 def test_a_folder_that_is_not_a_run_is_one_clear_error(runs, tmp_path, capsys):
     assert main(["plot", str(runs[0]), str(tmp_path)]) == 2
     assert "is it a run folder of `gpt2lab train`?" in capsys.readouterr().err
+
+
+def test_config_changes_leave_out_a_presets_reference_figures():
+    """Two presets' [reference] sections differ (their recorded results), but they are not settings of the runs."""
+    from gpt2lab.compare import config_changes
+
+    ours = {"model": {"mlp": "relu2"}, "reference": {"tokens_per_s": 10.0}}
+    base = {"model": {"mlp": "gelu"}, "reference": {"tokens_per_s": 1070.0}}
+    assert config_changes(ours, base) == ["model.mlp=relu2"]

@@ -108,9 +108,11 @@ def summarize(run_dir: str | Path, name: str | None = None) -> RunSummary:
 
 
 def config_changes(config: dict, base: dict) -> list[str]:
-    """The settings of config that differ from base, as section.key=value."""
+    """The settings of config that differ from base, as section.key=value ([reference] figures are no setting)."""
     changes = []
     for section, table in config.items():
+        if section == "reference":  # a preset's recorded results: they differ between presets, not runs' settings
+            continue
         for key, value in table.items() if isinstance(table, dict) else ():
             if base.get(section, {}).get(key) != value:
                 changes.append(f"{section}.{key}={value}")
