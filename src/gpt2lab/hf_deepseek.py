@@ -83,33 +83,16 @@ def config_to_hf(config: GPTConfig) -> dict:
     hf = {
         "architectures": [CLASS],
         "model_type": MODEL_TYPE,
-        "vocab_size": config.vocab_size,
-        "hidden_size": config.n_embd,
-        "intermediate_size": config.hidden,
-        "num_hidden_layers": config.n_layer,
         "first_k_dense_replace": first_moe_layer(config),  # the dense blocks (all of them without MoE)
         "num_nextn_predict_layers": 0,  # no multi-token prediction module
-        "num_attention_heads": config.n_head,
         "num_key_value_heads": config.n_head,  # MLA decompresses a key and value for every head
         "kv_lora_rank": dims.kv_lora_rank,
         "q_lora_rank": dims.q_lora_rank or None,  # None: a plain q_proj
         "qk_nope_head_dim": dims.qk_nope_head_dim,
         "qk_rope_head_dim": dims.qk_rope_head_dim,
         "v_head_dim": dims.v_head_dim,
-        "max_position_embeddings": config.block_size,
-        "rms_norm_eps": config.layer_norm_epsilon,
-        "rope_theta": config.rope_theta,  # transformers < 5 reads this key (and rope_scaling), 5 reads rope_parameters
-        "rope_parameters": rope_parameters(config),
         "rope_interleave": True,  # the weights are written in DeepSeek's layout (see to_hf_state_dict)
-        "hidden_act": "silu",
-        "attention_bias": False,
-        "attention_dropout": config.dropout,
-        "tie_word_embeddings": config.tie_embeddings,
-        "initializer_range": 0.02,
-        "use_cache": True,
-    }
-    if config.rope_scaling != "none":
-        hf["rope_scaling"] = {k: v for k, v in hf["rope_parameters"].items() if k != "rope_theta"}
+    } | hf_llama.shared_fields(config, rope_parameters(config))
     if config.n_experts:
         hf |= {"n_routed_experts": config.n_experts, "num_experts_per_tok": config.experts_per_token,
                "moe_intermediate_size": config.expert_hidden, "n_shared_experts": config.n_shared_experts,

@@ -47,17 +47,25 @@ def config_to_hf(config: GPTConfig) -> dict:
     hf = {
         "architectures": [FAMILIES[name]],
         "model_type": name,
+        "num_key_value_heads": config.kv_heads,
+        "head_dim": config.head_size,
+    } | shared_fields(config, rope_parameters(config))
+    return hf | ({"mlp_bias": False} if name == "llama" else {"use_sliding_window": False})
+
+
+def shared_fields(config: GPTConfig, rope: dict) -> dict:
+    """The config.json keys Llama, Qwen3 and DeepSeek-V3 share: sizes, RMSNorm, RoPE (``rope``: the family's
+    rope_parameters), SiLU, embeddings."""
+    hf = {
         "vocab_size": config.vocab_size,
         "hidden_size": config.n_embd,
         "intermediate_size": config.hidden,
         "num_hidden_layers": config.n_layer,
         "num_attention_heads": config.n_head,
-        "num_key_value_heads": config.kv_heads,
-        "head_dim": config.head_size,
         "max_position_embeddings": config.block_size,
         "rms_norm_eps": config.layer_norm_epsilon,
         "rope_theta": config.rope_theta,  # transformers < 5 reads this key (and rope_scaling), 5 reads rope_parameters
-        "rope_parameters": rope_parameters(config),
+        "rope_parameters": rope,
         "hidden_act": "silu",
         "attention_bias": False,
         "attention_dropout": config.dropout,
@@ -67,7 +75,7 @@ def config_to_hf(config: GPTConfig) -> dict:
     }
     if config.rope_scaling != "none":
         hf["rope_scaling"] = {k: v for k, v in hf["rope_parameters"].items() if k != "rope_theta"}
-    return hf | ({"mlp_bias": False} if name == "llama" else {"use_sliding_window": False})
+    return hf
 
 
 def rope_parameters(config: GPTConfig) -> dict:
