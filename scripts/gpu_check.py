@@ -163,6 +163,8 @@ def check_variants(c: Checks, args: argparse.Namespace, runs: Path) -> None:
     common = [f"data.path={args.data}", TOKENS_PER_STEP, "train.save_every=8", *small, *(QUICK if args.quick else [])]
     graph = "graph" if not args.quick else "static"
     for name, switches in VARIANTS.items():
+        if args.variants and name not in args.variants:
+            continue
         run = runs / name
         switches_set = sets(common + [f"model.{s}" for s in switches])
         proc = c.run(f"train {name}", gpt2lab("train", "configs/gpt2-124m.toml", *switches_set, "--run-dir", str(run)))
@@ -185,6 +187,8 @@ def check_variants(c: Checks, args: argparse.Namespace, runs: Path) -> None:
                     "llama exported and sampled back",
                     {"run": texts["eager"], "export": greedy(c, "sample export", out)},
                 )
+    if args.variants:
+        return
     run = runs / "modern-124m"
     proc = c.run(
         "train modern-124m", gpt2lab("train", "configs/modern-124m.toml", *sets(common), "--run-dir", str(run))
@@ -201,6 +205,7 @@ def main() -> int:
     p.add_argument("--hellaswag-limit", type=int, default=300)
     p.add_argument("--quick", action="store_true", help="toy models: try the script itself on a CPU")
     p.add_argument("--only", choices=("gpt2", "variants"), help="run one group of checks")
+    p.add_argument("--variants", nargs="+", choices=list(VARIANTS), help="only these architecture variants")
     args = p.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -24,6 +24,7 @@ WEIGHTS_NAME = "model.safetensors"
 FORMAT = "gpt2lab"
 FORMAT_VERSION = 1
 TIED_KEYS = ("lm_head.weight",)  # the same tensor as transformer.wte.weight
+DCP_DIR = "dcp"  # a sharded (FSDP) checkpoint's weights: torch.distributed.checkpoint shards (gpt2lab.dcp_checkpoint)
 
 
 def tied_keys(model: GPT) -> tuple[str, ...]:
@@ -152,10 +153,30 @@ def load_model(folder: str | Path, device: str | torch.device = "cpu") -> GPT:
     if not (folder / CONFIG_NAME).is_file():
         raise Gpt2LabError(f"{folder}: not a checkpoint (no {CONFIG_NAME})")
     config = read_model_config(folder)
-    state = load_state_dict(folder / WEIGHTS_NAME)
     model = empty_model(config)
+    if not (folder / WEIGHTS_NAME).is_file() and (folder / DCP_DIR / ".metadata").is_file():
+        load_sharded_weights(model, folder / DCP_DIR)
+        return model.to(device)
+    state = load_state_dict(folder / WEIGHTS_NAME)
     check_and_load(model, state, folder / WEIGHTS_NAME)
     return model.to(device)
+
+
+def load_sharded_weights(model: GPT, path: Path) -> None:
+    """The weights of a sharded checkpoint gathered into one model on this process (DCP reads only the "model."
+    tensors, each with torch.load(weights_only=True), and reshards them to this process's whole tensors)."""
+    import warnings
+
+    import torch.distributed.checkpoint as dcp
+
+    state = model.state_dict()  # the tied head appears under both names, one tensor: filled once or twice alike
+    try:
+        with warnings.catch_warnings():  # DCP says that no_dist=True means one process
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.load({"model": state}, checkpoint_id=str(path), no_dist=True)
+    except Exception as e:  # DCP's CheckpointException carries a traceback per rank: one line instead
+        why = str(e).strip().splitlines()[-1][:300]
+        raise Gpt2LabError(f"{path}: weights do not match the config ({why})") from None
 
 
 def checkpoint_dirs(run_dir: str | Path) -> list[Path]:

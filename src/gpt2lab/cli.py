@@ -15,6 +15,7 @@ from gpt2lab import __version__
 from gpt2lab.errors import Gpt2LabError
 
 DTYPES = ["float32", "bfloat16", "float16"]  # --dtype's choices (gpt2lab.loading.DTYPES, without importing torch)
+TOKENIZER_HELP = "default: the model's own; or gpt2, a folder holding tokenizer.json, or encoder.json + vocab.bpe"
 
 # ----------------------------------------------------------------------------- sample / export
 
@@ -31,7 +32,7 @@ def add_sample(sub) -> None:
     p.add_argument("--seed", type=int, default=None, help="the same seed gives the same samples (default: random)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps (default: best available)")
     p.add_argument("--dtype", default=None, choices=DTYPES, help="weights' dtype (default: as stored)")
-    p.add_argument("--tokenizer", default=None, help="folder with encoder.json and vocab.bpe")
+    p.add_argument("--tokenizer", default=None, help=TOKENIZER_HELP)
     p.add_argument("--context", type=int, default=None, help="tokens the model reads (default: its block size)")
     p.add_argument(
         "--rope-scaling", default=None, choices=["none", "linear", "yarn"],
@@ -55,15 +56,35 @@ def add_export(sub) -> None:
     p = sub.add_parser("export", help="write a checkpoint as a Hugging Face GPT-2 folder")
     p.add_argument("checkpoint", help="a gpt2lab checkpoint or run folder (or any --model spec)")
     p.add_argument("out_dir", help="the Hugging Face folder to write")
-    p.add_argument("--tokenizer", default=None, help="folder with encoder.json and vocab.bpe to copy")
+    p.add_argument("--tokenizer", default=None, help=TOKENIZER_HELP + " (copied)")
     p.set_defaults(func=run_export)
 
 
 def run_export(args: argparse.Namespace) -> int:
     from gpt2lab.hf import export_command
     from gpt2lab.loading import load_model
+    from gpt2lab.tokenizer_match import model_tokenizer
 
-    return export_command(args, load_model(args.checkpoint))
+    tokenizer = model_tokenizer(args.checkpoint, args.tokenizer, load_gpt2=False)  # None: GPT-2's, looked up there
+    code = export_command(args, load_model(args.checkpoint), tokenizer)
+    from gpt2lab.chat.export import add_chat_files
+
+    add_chat_files(args.checkpoint, args.out_dir)  # a model from gpt2lab sft: special tokens, chat_template, eos
+    return code
+
+
+def add_consolidate(sub) -> None:
+    p = sub.add_parser("consolidate", help="gather a sharded (FSDP) checkpoint into a plain model.safetensors folder")
+    p.add_argument("checkpoint", help="a gpt2lab checkpoint, or a run folder (its newest checkpoint)")
+    p.add_argument("out_dir", help="the checkpoint folder to write (model.safetensors + config.json)")
+    p.set_defaults(func=run_consolidate)
+
+
+def run_consolidate(args: argparse.Namespace) -> int:
+    from gpt2lab.dcp_checkpoint import consolidate
+
+    consolidate(args.checkpoint, args.out_dir)
+    return 0
 
 
 # ----------------------------------------------------------------------------- data (issue: data)
@@ -78,6 +99,7 @@ def add_data(sub) -> None:
     prep.add_argument("--out", default=None, help="dataset folder to write (default: data/SOURCE)")
     prep.add_argument("--mirror", default=None, help="offline data folder laid out like ../shared/data")
     prep.add_argument("--workers", type=int, default=None, help="tokenizer processes (default: all cores)")
+    prep.add_argument("--tokenizer", default="gpt2", help="gpt2, or a folder holding tokenizer.json (tokenizer train)")
     prep.add_argument("--shard-size", type=int, default=None, help="tokens per shard (fineweb-edu 100M, else 10M)")
     prep.add_argument("--max-tokens", type=int, default=None, help="stop after this many tokens")
     prep.add_argument(
@@ -113,6 +135,48 @@ def run_data_index(args: argparse.Namespace) -> int:
     from gpt2lab.data.info import index_command
 
     return index_command(args)
+
+
+# ----------------------------------------------------------------------------- tokenizer (issue 15)
+
+
+def add_tokenizer(sub) -> None:
+    p = sub.add_parser("tokenizer", help="train your own byte-level BPE tokenizer; compare tokenizers")
+    tsub = p.add_subparsers(dest="tokenizer", required=True)
+    tr = tsub.add_parser("train", help="train a byte-level BPE (Hugging Face tokenizers) on a corpus")
+    tr.add_argument("corpus", nargs="+", help="a source (shakespeare, gutenberg [DIR], ...) or globs ('corpus/*.txt')")
+    tr.add_argument("--out", required=True, help="folder to write tokenizer.json and gpt2lab_tokenizer.json into")
+    tr.add_argument("--vocab-size", type=int, default=16384, help="all tokens, the 13 special ones included")
+    tr.add_argument("--pattern", default="gpt4", choices=["gpt2", "gpt4"], help="pre-tokenisation split regex")
+    tr.add_argument("--max-chars", type=int, default=None, help="train on the corpus's first N characters")
+    tr.add_argument("--min-frequency", type=int, default=2, help="pairs seen fewer times are never merged")
+    tr.add_argument("--name", default=None, help="the name shards and runs record (default: the --out folder's)")
+    tr.add_argument("--mirror", default=None, help="offline data folder laid out like ../shared/data")
+    tr.add_argument("--force", action="store_true", help="overwrite a tokenizer already in --out")
+    tr.set_defaults(func=run_tokenizer_train)
+    cmp = tsub.add_parser("compare", help="bytes per token, tokens per document and speed on held-out text")
+    cmp.add_argument("tokenizers", nargs="+", help="gpt2, or folders holding tokenizer.json")
+    cmp.add_argument(
+        "--on", nargs="+", required=True, metavar="CORPUS",
+        help="a source (its val split: gutenberg's held-out books, shakespeare's last 10%%), wikitext2 (the mirror's "
+        "test file, by article) or file globs",
+    )  # fmt: skip
+    cmp.add_argument("--max-chars", type=int, default=None, help="compare on the first N held-out characters")
+    cmp.add_argument("--json", default=None, metavar="PATH", help="also write the rows as JSON")
+    cmp.add_argument("--mirror", default=None, help="offline data folder laid out like ../shared/data")
+    cmp.set_defaults(func=run_tokenizer_compare)
+
+
+def run_tokenizer_train(args: argparse.Namespace) -> int:
+    from gpt2lab.bpe import train_command
+
+    return train_command(args)
+
+
+def run_tokenizer_compare(args: argparse.Namespace) -> int:
+    from gpt2lab.bpe import compare_command
+
+    return compare_command(args)
 
 
 # ----------------------------------------------------------------------------- train / plot (issue: training)
@@ -176,7 +240,7 @@ def _eval_common(p: argparse.ArgumentParser, task: str) -> None:
     p.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps (default: best available)")
     p.add_argument("--dtype", default=None, choices=DTYPES, help="weights' dtype (default: as stored)")
-    p.add_argument("--tokenizer", default=None, help="folder with encoder.json and vocab.bpe")
+    p.add_argument("--tokenizer", default=None, help=TOKENIZER_HELP)
     p.set_defaults(func=run_eval, task=task)
 
 
@@ -324,9 +388,52 @@ def add_bench(sub) -> None:
         add(bsub)
 
 
+# ----------------------------------------------------------------------------- chat: sft / chat (issue 13)
+
+
+def add_sft(sub) -> None:
+    p = sub.add_parser("sft", help="fine-tune a model on conversations into a chat model (the training loop's SFT)")
+    p.add_argument("config", nargs="?", default=None, help="optional TOML with an [sft] section (and [train], ...)")
+    p.add_argument("--model", default=None, help="the model to fine-tune: run folder, checkpoint, HF folder or name")
+    p.add_argument("--data", action="append", default=[], help="conversations PATH or PATH:WEIGHT (repeatable)")
+    p.add_argument("--run-dir", default=None, help="where the run is written (default: runs/chat)")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a setting")
+    p.set_defaults(func=run_sft)
+
+
+def run_sft(args: argparse.Namespace) -> int:
+    from gpt2lab.chat.sft import sft_command
+
+    return sft_command(args)
+
+
+def add_chat(sub) -> None:
+    p = sub.add_parser("chat", help="talk to a chat model in the terminal (streamed, multi-turn)")
+    p.add_argument("--model", required=True, help="a run folder from gpt2lab sft, a checkpoint or an exported folder")
+    p.add_argument("--system", default=None, help="the system message")
+    p.add_argument("--max-new-tokens", type=int, default=256, help="most tokens per reply")
+    p.add_argument("--temperature", type=float, default=0.7, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=50, help="sample only from the k most likely tokens")
+    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling threshold in (0, 1]")
+    p.add_argument("--seed", type=int, default=None, help="the same seed gives the same replies (default: random)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps (default: best available)")
+    p.add_argument("--dtype", default=None, choices=DTYPES, help="weights' dtype (default: as stored)")
+    p.add_argument("--tokenizer", default=None, help=TOKENIZER_HELP)
+    p.set_defaults(func=run_chat)
+
+
+def run_chat(args: argparse.Namespace) -> int:
+    from gpt2lab.chat.terminal import chat_command
+
+    return chat_command(args)
+
+
 # ----------------------------------------------------------------------------- main
 
-SUBCOMMANDS = [add_sample, add_export, add_data, add_train, add_plot, add_ablate, add_eval, add_bench]
+SUBCOMMANDS = [
+    add_sample, add_export, add_consolidate, add_data, add_tokenizer, add_train, add_plot, add_ablate, add_eval,
+    add_bench, add_sft, add_chat,
+]  # fmt: skip
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):

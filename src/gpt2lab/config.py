@@ -23,8 +23,10 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from gpt2lab.chat.sft_data import SFTConfig
 from gpt2lab.data.loader import DataConfig
 from gpt2lab.errors import Gpt2LabError
+from gpt2lab.fsdp import config_problems
 from gpt2lab.model import GPTConfig
 from gpt2lab.optim import OptimConfig
 from gpt2lab.perf import PerfConfig
@@ -48,6 +50,7 @@ class Config:
     log: LogConfig = field(default_factory=LogConfig)
     perf: PerfConfig = field(default_factory=PerfConfig)
     reference: ReferenceConfig = field(default_factory=ReferenceConfig)  # figures measured with the preset
+    sft: SFTConfig = field(default_factory=SFTConfig)  # fine-tuning on conversations (gpt2lab sft); off when empty
 
     def to_dict(self) -> dict[str, dict]:
         return {f.name: dataclasses.asdict(getattr(self, f.name)) for f in dataclasses.fields(self)}
@@ -210,6 +213,7 @@ def validate(config: Config, source: str) -> None:
         section = getattr(config, name)
         if hasattr(section, "validate"):
             problems += section.validate(config.model) if name == "train" else section.validate()
+    problems += config_problems(config)  # train.parallel=fsdp with what it cannot run (gpt2lab.fsdp)
     if problems:
         raise Gpt2LabError(f"{source}: " + "; ".join(problems))
 

@@ -426,14 +426,14 @@ def sample_command(args: argparse.Namespace) -> int:
     """
     from gpt2lab.dist import default_device
     from gpt2lab.loading import load_model
-    from gpt2lab.tokenizer import get_tokenizer
+    from gpt2lab.tokenizer_match import model_tokenizer
 
     if args.max_new_tokens < 1:  # 0 would print the prompt and nothing else, which nobody asks for
         raise Gpt2LabError(f"--max-new-tokens must be >= 1 (got {args.max_new_tokens})")
     check_sampling_args(args.num_samples, args.max_new_tokens, args.temperature, args.top_k, args.top_p)
     device = _check_device(args.device or default_device())
     check_decode(args.decode, device)
-    tokenizer = get_tokenizer(args.tokenizer)
+    tokenizer = model_tokenizer(args.model, args.tokenizer)  # GPT-2's, or the one the model was trained with
     model = load_model(args.model, device, args.dtype)
     if args.context is not None or args.rope_scaling is not None:
         extend_context(model.config, args.context or model.config.block_size, args.rope_scaling or "none")

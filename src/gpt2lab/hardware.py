@@ -409,12 +409,14 @@ def memory_knobs(cfg: _RunConfig) -> list[str]:
     return [*knobs, f"model.block_size (now {cfg.model.block_size})"]
 
 
-def _check_memory(cfg: _RunConfig, device: str, dtype: torch.dtype, models: int = 1) -> None:
+def _check_memory(cfg: _RunConfig, device: str, dtype: torch.dtype, models: int = 1, world_size: int = 1) -> None:
     budget = available_bytes(device)
     if budget is None:
         return
     caps = capabilities(device)
     need = estimate_train_bytes(cfg.model, cfg.train.micro_batch, cfg.model.block_size, dtype, cfg.perf)
+    if getattr(cfg.train, "parallel", "ddp") == "fsdp":  # weights, grads and AdamW state: 1/world_size per rank
+        need -= 20 * _param_count(cfg.model) * (world_size - 1) // world_size
     need += (models - 1) * 16 * _param_count(cfg.model)  # each other model held: weights, grads, AdamW moments
     if need <= budget * (_CUDA_SLACK if caps.device_type == "cuda" else 1.0):
         return
@@ -484,5 +486,5 @@ def preflight(cfg: _RunConfig, device: str, world_size: int = 1, models: int = 1
         cfg.train.micro_batch = b
         accum = _rows_per_rank(cfg, world_size) // b
         notes.append(f"train.micro_batch=auto: {b} ({how}); gradient accumulation {accum}")
-    _check_memory(cfg, device, dtype, models)
+    _check_memory(cfg, device, dtype, models, world_size)
     return notes

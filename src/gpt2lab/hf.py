@@ -236,12 +236,32 @@ def export_hf(model: GPT, out_dir: str | Path, tokenizer_files: tuple[Path, Path
     return out_dir
 
 
-def export_command(args: argparse.Namespace, model: GPT) -> int:
-    """`gpt2lab export CHECKPOINT OUT_DIR`, given the loaded model (the CLI loads it: hf.py never imports loading)."""
-    from gpt2lab.tokenizer import get_tokenizer
+def export_trained_tokenizer(tok, out_dir: Path, block_size: int) -> None:
+    """A trained tokenizer (gpt2lab.bpe) beside the weights: tokenizer.json as trained, for AutoTokenizer."""
+    from gpt2lab.tokenizer import EOT_TOKEN, TOKENIZER_JSON, TOKENIZER_META
 
+    for name in (TOKENIZER_JSON, TOKENIZER_META):
+        if (tok.folder / name).is_file():
+            shutil.copyfile(tok.folder / name, out_dir / name)
+    tok_config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": block_size}
+    tok_config |= {"bos_token": EOT_TOKEN, "eos_token": EOT_TOKEN}
+    (out_dir / "tokenizer_config.json").write_text(json.dumps(tok_config, indent=2) + "\n")
+    config = json.loads((out_dir / "config.json").read_text()) | {"bos_token_id": tok.eot, "eos_token_id": tok.eot}
+    (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")  # <|endoftext|>'s id in this vocabulary
+
+
+def export_command(args: argparse.Namespace, model: GPT, tokenizer=None) -> int:
+    """`gpt2lab export CHECKPOINT OUT_DIR`, given the loaded model (the CLI loads it: hf.py never imports loading)
+    and its tokenizer where it is not GPT-2's (None: GPT-2's files are looked up here)."""
+    from gpt2lab.tokenizer import TrainedTokenizer, get_tokenizer
+
+    if isinstance(tokenizer, TrainedTokenizer):
+        out = export_hf(model, args.out_dir, None)
+        export_trained_tokenizer(tokenizer, out, model.config.block_size)
+        print(f"wrote Hugging Face folder {out} ({model.num_params(False):,} parameters, tokenizer {tokenizer.name})")
+        return 0
     try:
-        files = get_tokenizer(args.tokenizer).files
+        files = (tokenizer or get_tokenizer(args.tokenizer)).files
     except Gpt2LabError as e:
         if args.tokenizer:
             raise

@@ -33,7 +33,7 @@ import torch
 import torch.distributed as dist
 
 from gpt2lab import checkpoint as ckpt
-from gpt2lab import hardware
+from gpt2lab import dcp_checkpoint, fsdp, hardware, tokenizer_match
 from gpt2lab.dist import DistInfo, destroy_distributed, init_distributed
 from gpt2lab.errors import Gpt2LabError
 from gpt2lab.model import GPT, GPTConfig
@@ -70,6 +70,9 @@ class TrainConfig:
     dtype: str = "auto"  # auto (bf16 on GPUs with it, else fp16 + scaler; CPU fp32), bfloat16, float16, float32
     save_every: int = 1000  # steps between checkpoints (0 = only at the end and on a signal)
     keep_checkpoints: int = 3  # newest checkpoints kept in RUN_DIR/checkpoints (0 = all)
+    parallel: str = "ddp"  # ddp (each rank holds the whole model) | fsdp (FSDP2: weights, grads, optimizer sharded)
+    reshard_after_forward: bool = True  # fsdp: free each block's gathered weights after forward (ZeRO-3)
+    async_save: bool = False  # fsdp: write checkpoints in the background (dcp.async_save) while training goes on
 
     def validate(self, model: GPTConfig) -> list[str]:
         problems = []
@@ -78,6 +81,8 @@ class TrainConfig:
                 problems.append(f"train.{name} must be >= 1 (got {getattr(self, name)})")
         if self.save_every < 0 or self.keep_checkpoints < 0:
             problems.append("train.save_every and train.keep_checkpoints must be >= 0")
+        if self.parallel not in ("ddp", "fsdp"):
+            problems.append(f"train.parallel must be ddp or fsdp (got {self.parallel!r})")
         if self.dtype not in ("auto", *DTYPES):
             problems.append(f"train.dtype must be auto, float32, bfloat16 or float16 (got {self.dtype!r})")
         if self.device.split(":")[0] not in ("auto", "cpu", "cuda", "mps"):
@@ -152,16 +157,35 @@ def forward_backward(
     scaler (float16) the loss is scaled before each backward, so small gradients do not underflow.
     """
     total = None
+    # SFT (a loader with masked_targets): the step's micro-batches are read first, so the loss can be averaged
+    # over the trained tokens of the whole global batch, not micro-batch by micro-batch
+    batches = [loader.next_batch() for _ in range(grad_accum)] if getattr(loader, "masked_targets", False) else None
+    weights = masked_weights([y for _, y in batches], ddp) if batches else None
     for micro in range(grad_accum):
-        x, y = loader.next_batch()  # (B, T) each
+        x, y = batches[micro] if batches else loader.next_batch()  # (B, T) each
+        if weights and weights[micro] == 0:  # no trained token: its mean loss is 0/0; one dummy target, weight 0
+            y = torch.full_like(y, -1)
+            y[0, 0] = 0
         sync = not ddp or micro == grad_accum - 1
         with nullcontext() if sync else model.no_sync():
             with autocast():
                 _, loss = model(x, y)
-            loss = loss / grad_accum
+            loss = loss / grad_accum if weights is None else loss * weights[micro]
             (scaler.scale(loss) if scaler is not None else loss).backward()
         total = loss.detach() if total is None else total + loss.detach()
     return total
+
+
+def masked_weights(targets: list[torch.Tensor], ddp: bool) -> list[float]:
+    """Each micro-batch's factor on its mean loss so that the step's loss is the mean over every trained token
+    (target != -1) of every micro-batch on every rank: n_micro * world_size / n_global (DDP then divides the
+    gradient by world_size). A micro-batch without a trained token gets 0."""
+    counts = torch.stack([(y != -1).sum() for y in targets]).float()
+    total = counts.sum()
+    world_size = dist.get_world_size() if ddp else 1
+    if ddp:
+        dist.all_reduce(total)
+    return (counts * world_size / total.clamp(min=1)).tolist()
 
 
 def train_step(
@@ -186,10 +210,13 @@ def train_step(
     """
     ddp = world_size > 1
     optimizer.zero_grad(set_to_none=True)
-    loss = forward_backward(model, loader, grad_accum, autocast, ddp, scaler)
+    # FSDP2 has no no_sync: it reduce-scatters every micro-step, so only sharded gradients accumulate
+    loss = forward_backward(model, loader, grad_accum, autocast, ddp and hasattr(model, "no_sync"), scaler)
     if scaler is not None:
         scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
     norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), grad_clip if grad_clip > 0 else math.inf)
+    if hasattr(norm, "full_tensor"):  # FSDP: the norm of sharded (DTensor) gradients is a DTensor
+        norm = norm.full_tensor()
     stats = torch.stack([loss.float(), norm.float(), torch.tensor(float(stop), device=loss.device)])
     if ddp:  # one collective: the loss mean and "does any rank stop" (norm is the same everywhere)
         dist.all_reduce(stats)
@@ -208,13 +235,23 @@ def val_loss(model: GPT, loader, batches: int, autocast, world_size: int = 1) ->
     """Mean loss over the first ``batches`` batches of the val split (every rank its slice)."""
     model.eval()
     loader.reset()
-    total = None
+    total, count = None, torch.zeros(())
+    masked = getattr(loader, "masked_targets", False)  # SFT: the mean over trained tokens, not over batches
     batches = min(batches, loader.batches_per_epoch)  # a small val split: each batch once
     for _ in range(batches):
         x, y = loader.next_batch()
         with autocast():
             _, loss = model(x, y)
+        if masked:  # a batch without a trained token (mean 0/0) adds nothing
+            n = (y != -1).sum().float()
+            loss, count = torch.nan_to_num(loss.float()) * n, count.to(n.device) + n
         total = loss.float() if total is None else total + loss.float()
+    if masked:
+        stats = torch.stack([total, count])
+        if world_size > 1:
+            dist.all_reduce(stats)
+        model.train()
+        return (stats[0] / stats[1].clamp(min=1)).item()
     total = total / batches
     if world_size > 1:
         dist.all_reduce(total)
@@ -302,12 +339,20 @@ def _dataset_check(cfg: RunConfig) -> None:
         )
 
 
+def sft_section(cfg: RunConfig):
+    """The [sft] section when this run fine-tunes a model on conversations (sft.data set), else None."""
+    sft = getattr(cfg, "sft", None)
+    return sft if sft is not None and sft.data else None
+
+
 def setup(cfg: RunConfig, run_dir: Path, info: DistInfo, resume: bool) -> Run:
     """Check everything that can fail early, then build the model, optimizer and loaders (and restore)."""
     from gpt2lab.data.loader import ShardLoader, open_val_loader
 
     grad_accum = grad_accum_steps(cfg, info.world_size)
-    _dataset_check(cfg)
+    sft = sft_section(cfg)
+    if sft is None:
+        _dataset_check(cfg)
     if cfg.eval.hellaswag_every:
         from gpt2lab.eval.hellaswag import locate
 
@@ -325,23 +370,34 @@ def setup(cfg: RunConfig, run_dir: Path, info: DistInfo, resume: bool) -> Run:
     autocast = step_context(caps.device_type, dtype)
     scaler = torch.amp.GradScaler(caps.device_type) if hardware.needs_grad_scaler(dtype, caps) else None
     seed_everything(cfg.train.seed)
-    raw_model = GPT(cfg.model).to(info.device)
+    sharded = cfg.train.parallel == "fsdp"  # FSDP2: built on meta, sharded, materialised (gpt2lab.fsdp)
+    raw_model = fsdp.build_model(cfg, info, dtype) if sharded else GPT(cfg.model).to(info.device)
+    if sft is not None and not resume:  # SFT starts from the weights of the model it fine-tunes
+        from gpt2lab.chat.base import load_base_weights
+
+        load_base_weights(raw_model, sft.model)
     optimizer = make_optimizer(raw_model, cfg.optim, info.device)
     kw = dict(rank=info.rank, world_size=info.world_size, device=info.device)
-    loader = ShardLoader(
-        cfg.data.path, "train", cfg.train.micro_batch, cfg.model.block_size, shuffle=cfg.data.shuffle,
-        seed=cfg.data.seed, **kw,
-    )  # fmt: skip
-    val_loader = None
-    if cfg.eval.val_every > 0:
+    if sft is not None:  # conversations packed into rows, targets -1 outside the assistant's tokens
+        from gpt2lab.chat.sft_data import sft_loaders
+
+        loader, val_loader = sft_loaders(cfg, cfg.train.micro_batch, **kw)
+    else:
+        loader = ShardLoader(
+            cfg.data.path, "train", cfg.train.micro_batch, cfg.model.block_size, shuffle=cfg.data.shuffle,
+            seed=cfg.data.seed, **kw,
+        )  # fmt: skip
+        val_loader = None
+    if cfg.eval.val_every > 0 and sft is None:
         val_loader, note = open_val_loader(cfg.data.path, cfg.train.micro_batch, cfg.model.block_size, **kw)
         if note:
             hardware.print_notices([note if val_loader else f"val loss unavailable: {note}"])
     start_step, skipped = 0, 0
     if resume:
         start_step, skipped = restore(latest, raw_model, optimizer, loader, info, scaler)
-    model = prepare_model(raw_model, cfg.perf, info.device, dtype)  # compiled and/or fused loss, per [perf]
-    if info.is_distributed:
+    perf = fsdp.perf_without_compile(cfg.perf) if sharded else cfg.perf  # fsdp: compiled per block already
+    model = prepare_model(raw_model, perf, info.device, dtype)  # compiled and/or fused loss, per [perf]
+    if info.is_distributed and not sharded:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         model = DDP(model, device_ids=[info.local_rank] if caps.device_type == "cuda" else None)
@@ -355,7 +411,7 @@ def restore(
     folder: Path, raw_model: GPT, optimizer, loader, info: DistInfo, scaler: torch.amp.GradScaler | None = None
 ) -> tuple[int, int]:
     """Load a training checkpoint into the fresh model/optimizer/loader (and scaler); return (step, skipped steps)."""
-    state, rng = ckpt.load_training_checkpoint(folder, raw_model, optimizer)
+    state, rng = dcp_checkpoint.load_training_checkpoint(folder, raw_model, optimizer)  # any format, any model
     loader.load_state_dict(state["loader"])
     if scaler is not None and state.get("grad_scaler"):  # float16: continue with the same loss scale
         scaler.load_state_dict(state["grad_scaler"])
@@ -374,10 +430,11 @@ def _gather(obj: object, world_size: int) -> list:
 
 
 def save(run: Run, step: int, metrics: dict) -> Path | None:
-    """Every rank gives its RNG state; rank 0 writes the checkpoint. Returns its folder on rank 0."""
+    """Every rank gives its RNG state; rank 0 writes the checkpoint (fsdp: all write shards) and gets its folder."""
     tensors, plain = ckpt.rng_state()
     gathered = _gather((tensors, plain), run.info.world_size)
-    if not run.info.is_main:
+    sharded = run.cfg.train.parallel == "fsdp"
+    if not run.info.is_main and not sharded:
         return None
     state = {
         "step": step,
@@ -388,11 +445,17 @@ def save(run: Run, step: int, metrics: dict) -> Path | None:
         "config": run.cfg.to_dict(),
         "grad_scaler": run.scaler.state_dict() if run.scaler is not None else None,  # plain floats and ints
         "skipped_steps": run.skipped_steps,
+        "tokenizer": tokenizer_match.data_record(run.cfg),  # name + sha256 of the shards' tokenizer (None: SFT)
         "git_commit": git_commit(),
         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     rng = {f"rank{r}.{k}": v for r, (t, _) in enumerate(gathered) for k, v in t.items()}
     try:
+        if sharded:  # a collective: each rank writes its shards through DCP
+            return dcp_checkpoint.save_training_checkpoint(
+                run.run_dir, step, run.raw_model, run.optimizer, state, rng, run.cfg.train.keep_checkpoints,
+                async_save=run.cfg.train.async_save,
+            )  # fmt: skip
         return ckpt.save_training_checkpoint(
             run.run_dir, step, run.raw_model, run.optimizer, state, rng, run.cfg.train.keep_checkpoints
         )
@@ -414,15 +477,15 @@ def _print0(info: DistInfo, text: str) -> None:
 
 def _samples(run: Run, step: int) -> None:
     from gpt2lab.generate import generate_ids
-    from gpt2lab.tokenizer import get_tokenizer
 
     e = run.cfg.eval
-    tok = get_tokenizer()
+    tok = tokenizer_match.run_tokenizer(run.cfg)
     run.raw_model.eval()
-    outs = generate_ids(
-        run.raw_model, tok.encode(e.sample_prompt), num_samples=e.sample_count, max_new_tokens=e.sample_tokens,
-        top_k=50, seed=run.cfg.train.seed + step,
-    )  # fmt: skip
+    with fsdp.gathered(run.raw_model, run.cfg.train.reshard_after_forward):  # fsdp: whole weights on each rank
+        outs = generate_ids(
+            run.raw_model, tok.encode(e.sample_prompt), num_samples=e.sample_count, max_new_tokens=e.sample_tokens,
+            top_k=50, seed=run.cfg.train.seed + step,
+        )  # fmt: skip
     run.raw_model.train()
     for i, ids in enumerate(outs):
         _print0(run.info, f"sample {i}: {e.sample_prompt}{tok.decode(ids)!r}")
@@ -431,12 +494,11 @@ def _samples(run: Run, step: int) -> None:
 def _hellaswag(run: Run) -> float:
     """HellaSwag acc_norm of the raw model through the evaluation package, every rank its share."""
     from gpt2lab.eval import hellaswag
-    from gpt2lab.tokenizer import get_tokenizer
 
     if run.hellaswag_examples is None:
         run.hellaswag_examples = hellaswag.load_examples(hellaswag.locate(), run.cfg.eval.hellaswag_limit or None)
     result = hellaswag.evaluate_hellaswag(
-        run.raw_model, get_tokenizer(), run.hellaswag_examples, run.info.device,
+        run.raw_model, tokenizer_match.run_tokenizer(run.cfg), run.hellaswag_examples, run.info.device,
         batch_size=max(1, run.cfg.train.micro_batch // 4), rank=run.info.rank, world_size=run.info.world_size,
     )  # fmt: skip
     run.raw_model.train()
@@ -548,7 +610,8 @@ def loop(run: Run, stop: StopSignals) -> Path | None:
                 metrics["hellaswag"] = _hellaswag(run)
                 log.log(step, hellaswag=metrics["hellaswag"])
                 _print0(info, f"step {step:>6} | hellaswag {metrics['hellaswag']:.4f}")
-            if _periodic(cfg.eval.sample_every, step, last) and info.is_main:
+            # fsdp: every rank runs the sharded model (the same draws), rank 0 prints
+            if _periodic(cfg.eval.sample_every, step, last) and (info.is_main or cfg.train.parallel == "fsdp"):
                 _samples(run, step)
             if last or stopping or (cfg.train.save_every and step % cfg.train.save_every == 0):
                 last_ckpt = save(run, step, {"train_loss": loss, **metrics}) or last_ckpt
@@ -592,6 +655,7 @@ def train(cfg: RunConfig, run_dir: str | Path, resume: bool = False) -> Path | N
     """
     run_dir = Path(run_dir)
     latest = ckpt.find_latest(run_dir)
+    tokenizer_match.agree(cfg, latest if resume else None)  # model vocab from the shards' tokenizer; same on resume
     if cfg.train.micro_batch is None and latest is not None:  # auto was resolved when this run started
         cfg.train.micro_batch = _saved_micro_batch(latest)
     if not resume and latest is not None and _finished(latest, cfg):
@@ -607,6 +671,7 @@ def train(cfg: RunConfig, run_dir: str | Path, resume: bool = False) -> Path | N
         if info.is_main:
             run_dir.mkdir(parents=True, exist_ok=True)
             (run_dir / "config.toml").write_text(cfg.to_toml())
+            tokenizer_match.copy_into_run(cfg, run_dir)  # a trained tokenizer travels with the run
             n = run.raw_model.num_params()
             _print0(
                 info,
@@ -617,4 +682,5 @@ def train(cfg: RunConfig, run_dir: str | Path, resume: bool = False) -> Path | N
         with StopSignals() as stop:
             return loop(run, stop)
     finally:
+        dcp_checkpoint.finish_pending()  # train.async_save: the last checkpoint gets its name before the run ends
         destroy_distributed()

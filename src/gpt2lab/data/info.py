@@ -25,6 +25,7 @@ from gpt2lab.data.shards import (
     open_shard,
     read_header,
     read_manifest,
+    shard_info,
     write_json,
 )
 from gpt2lab.errors import Gpt2LabError
@@ -74,7 +75,8 @@ def info_command(args: argparse.Namespace) -> int:
     keys = _SHOWN.get(manifest["source"], [k for k in settings if k != "source"])
     shown = " ".join(f"{k}={settings[k]}" for k in keys if settings.get(k) not in (None, [], False))
     print(f"source    {manifest['source']}  {shown}")
-    print(f"tokenizer {tok.get('name')} (vocab {tok.get('vocab_size')}, <|endoftext|> = {tok.get('eot')})")
+    sha = f", sha256 {tok['hash'][:12]}" if tok.get("hash") else ""
+    print(f"tokenizer {tok.get('name')} (vocab {tok.get('vocab_size')}, <|endoftext|> = {tok.get('eot')}{sha})")
     print(f"created   {manifest.get('created')}, {_documents(manifest)}")
     for split in ("train", "val"):
         entry = manifest["splits"].get(split, {})
@@ -113,7 +115,9 @@ def index_folder(data_dir: str | Path) -> dict:
             raise Gpt2LabError(
                 f"{path}: cannot tell its split (expected 'train' or 'val' in the name, as llm.c writes)"
             )
-        n = read_header(path)
+        n, dtype = shard_info(path)
+        if dtype != TOKEN_DTYPE:  # llm.c's uint32 ("llama-3") shards: their tokenizer is not GPT-2's
+            raise Gpt2LabError(f"{path}: uint32 tokens of an unknown tokenizer; index reads GPT-2's uint16 shards")
         sha, eots = _scan_shard(path)
         documents += eots
         entry = splits.setdefault(match.group(1), {"tokens": 0, "shards": []})

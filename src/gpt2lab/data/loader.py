@@ -12,7 +12,11 @@ order and show periodic loss bumps from that ordering):
   takes chunks ``[r*B, (r+1)*B)`` of each, so ranks are disjoint and together cover every chunk once
   (up to the last partial global batch, which is dropped);
 - the state is ``(epoch, batch)``, identical on every rank, so rank 0's ``state_dict()`` restores
-  any rank exactly.
+  any rank exactly; it also holds ``tokens``, the position as an offset into the epoch's global chunk
+  sequence (which does not depend on B or the world size), so a loader with another ``B x world_size``
+  resumes at the same place when that offset is a whole number of its global batches (a resume of a
+  run on another number of ranks). Only the end of an epoch depends on ``B x world_size``: the last
+  partial global batch it drops.
 """
 
 from __future__ import annotations
@@ -130,7 +134,7 @@ class ShardLoader:
         """This rank's (B, T+1) token windows for one batch of one epoch."""
         order, offsets = self._layout(epoch)
         first = batch * self.B * self.world_size + self.rank * self.B
-        out = np.empty((self.B, self.T + 1), dtype=np.uint16)
+        out = np.empty((self.B, self.T + 1), dtype=np.uint32)  # uint16 or uint32 shards
         for row, k in enumerate(range(first, first + self.B)):
             pos = int(np.searchsorted(offsets, k, side="right")) - 1  # which visited shard holds chunk k
             shard = int(order[pos])
@@ -162,6 +166,7 @@ class ShardLoader:
             "split": self.split,
             "epoch": self.epoch,
             "batch": self.batch,
+            "tokens": self.batch * self.B * self.world_size * self.T,  # input tokens into the epoch's global stream
             "batch_size": self.B,
             "seq_len": self.T,
             "world_size": self.world_size,
@@ -171,15 +176,23 @@ class ShardLoader:
         }
 
     def load_state_dict(self, state: dict) -> None:
-        """Continue exactly where the saved loader (on any rank) stood."""
+        """Continue exactly where the saved loader (on any rank, with any B x world_size) stood."""
         mine = self.state_dict()
-        for key in ("split", "batch_size", "seq_len", "world_size", "shuffle", "seed", "total_tokens"):
+        for key in ("split", "seq_len", "shuffle", "seed", "total_tokens"):
             if state.get(key) != mine[key]:
                 raise Gpt2LabError(
                     f"cannot resume the data loader of {self.data_dir}: saved {key}={state.get(key)!r}, "
-                    f"now {mine[key]!r} (an exact resume needs the same data, batch layout and seed)"
+                    f"now {mine[key]!r} (an exact resume needs the same data, sequence length and seed)"
                 )
-        self.epoch, self.batch = int(state["epoch"]), int(state["batch"])
+        saved = state.get("tokens", int(state["batch"]) * state["batch_size"] * state["world_size"] * self.T)
+        per_batch = self.B * self.world_size  # chunks of one global batch
+        if int(saved) % (per_batch * self.T):
+            raise Gpt2LabError(
+                f"cannot resume the data loader of {self.data_dir} with {self.world_size} rank(s) x {self.B} "
+                f"sequences: the saved position ({saved:,} tokens into epoch {state['epoch']}) is not a whole "
+                f"number of global batches of {per_batch} x {self.T} tokens"
+            )
+        self.epoch, self.batch = int(state["epoch"]), int(saved) // (per_batch * self.T)
 
 
 def open_val_loader(

@@ -5,7 +5,10 @@ The pipeline, as llm.c's ``dev/data/fineweb.py`` but resumable and with bounded 
   worker processes; results come back in document order, and at most ``2 * workers + 2`` tasks are
   in flight, so a corpus of any size streams through in bounded memory. Workers load the tokenizer
   from the files the main process used, so they start the same under fork, spawn or forkserver;
-- every document becomes ``[<|endoftext|>] + encode_ordinary(text)``;
+- every document becomes ``[<|endoftext|>] + encode_ordinary(text)``, with GPT-2's tokenizer or a trained
+  one (``--tokenizer DIR``, from ``gpt2lab tokenizer train``: its tokenizer.json is copied into the output
+  folder, and the manifest records its name and sha256); tokens are uint16 up to a vocabulary of 65,535,
+  uint32 above (see ``shards.py``);
 - each split fills shards of exactly ``shard_size`` tokens (a document may continue in the next
   shard); the last shard of a split is partial;
 - a plain stream (no split from the source) gives its first tokens to the single shard
@@ -28,10 +31,12 @@ The pipeline, as llm.c's ``dev/data/fineweb.py`` but resumable and with bounded 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import json
 import multiprocessing
 import os
+import shutil
 import signal
 import sys
 import time
@@ -47,18 +52,32 @@ import numpy as np
 from tqdm import tqdm
 
 from gpt2lab.data.shards import (
+    MAGIC,
+    MAGIC_U32,
     MANIFEST,
     MANIFEST_FORMAT,
     MANIFEST_VERSION,
+    TOKEN_DTYPE,
+    VERSION,
+    VERSION_U32,
     read_header,
     shard_name,
+    token_dtype,
     write_json,
     write_shard,
 )
 from gpt2lab.data.sources import SourceOptions, get_source
 from gpt2lab.errors import Gpt2LabError
 from gpt2lab.mirror import mirror_dir
-from gpt2lab.tokenizer import EOT_ID, VOCAB_SIZE, Tokenizer, get_tokenizer, load_files
+from gpt2lab.tokenizer import (
+    TOKENIZER_JSON,
+    TOKENIZER_META,
+    Tokenizer,
+    TrainedTokenizer,
+    get_tokenizer,
+    load_files,
+)
+from gpt2lab.tokenizer import load_tokenizer as load_spec
 
 STATE = "prepare_state.json"
 TASK_DOCS, TASK_CHARS = 512, 1 << 18  # a task: up to 512 documents or 256K characters
@@ -79,6 +98,7 @@ class Settings:
     blank_line_docs: bool = False
     val_books: int = 4
     val_fraction: float | None = None  # plain streams: val is at most this share of the corpus (see above)
+    tokenizer: str = "gpt2"  # gpt2, or a trained tokenizer's tokenizer.json sha256 (set by prepare from --tokenizer)
 
 
 def _same_settings(saved: dict | None, settings: Settings) -> bool:
@@ -92,33 +112,39 @@ def _same_settings(saved: dict | None, settings: Settings) -> bool:
 # ----------------------------------------------------------------------------- tokenization workers
 
 
-_ENC = None  # this process's tiktoken Encoding, set by _use_tokenizer
-_LOADED: dict = {}  # tokenizer files -> Encoding; a forked worker finds the parent's here and skips the 0.3 s parse
+_TOK = None  # this process's tokenizer, set by _use_tokenizer
+_LOADED: dict = {}  # tokenizer files -> Tokenizer; a forked worker finds the parent's here and skips the 0.3 s parse
 
 
-def load_tokenizer(mirror: str | Path | None = None) -> Tokenizer:
-    """The GPT-2 tokenizer (from the mirror, tiktoken's cache or the web), loaded once per process."""
-    key = ("lookup", str(mirror_dir(mirror)))
+def load_tokenizer(mirror: str | Path | None = None, spec: str | Path | None = None) -> Tokenizer | TrainedTokenizer:
+    """GPT-2's tokenizer (mirror, tiktoken's cache or the web) or a trained one (``spec``), once per process."""
+    key = ("lookup", str(mirror_dir(mirror))) if spec in (None, "gpt2") else ("spec", str(Path(spec).resolve()))
     if key not in _LOADED:
-        _LOADED[key] = get_tokenizer(mirror=mirror)
+        _LOADED[key] = load_spec(spec, mirror)
     return _LOADED[key]
 
 
-def _worker_files(tok: Tokenizer) -> tuple[str, str] | None:
+def _worker_files(tok: Tokenizer | TrainedTokenizer) -> tuple[str, ...] | None:
     """The files a worker loads the tokenizer from (picklable), registered so forked workers reuse ``tok``."""
-    if not tok.files:
+    if isinstance(tok, TrainedTokenizer):
+        files = ("trained", str(tok.folder.resolve()))
+    elif not tok.files:
         return None  # tiktoken without a cache: each worker does the same lookup
-    files = (str(tok.files[0]), str(tok.files[1]))
-    _LOADED.setdefault(files, tok.enc)
+    else:
+        files = (str(tok.files[0]), str(tok.files[1]))
+    _LOADED.setdefault(files, tok)
     return files
 
 
-def _use_tokenizer(files: tuple[str, str] | None) -> None:
+def _use_tokenizer(files: tuple[str, ...] | None) -> None:
     """Make ``files`` (None: the default lookup) this process's tokenizer for ``encode_documents``."""
-    global _ENC
+    global _TOK
     if files not in _LOADED:
-        _LOADED[files] = (load_files(*files) if files else get_tokenizer()).enc
-    _ENC = _LOADED[files]
+        if files and files[0] == "trained":
+            _LOADED[files] = TrainedTokenizer(files[1])
+        else:
+            _LOADED[files] = load_files(*files) if files else get_tokenizer()
+    _TOK = _LOADED[files]
 
 
 def _start_worker(files: tuple[str, str] | None) -> None:
@@ -133,10 +159,10 @@ def encode_documents(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
     lengths = np.empty(len(texts), dtype=np.int64)
     for i, text in enumerate(texts):
         before = len(tokens)
-        tokens.append(EOT_ID)
-        tokens.extend(_ENC.encode_ordinary(text))
+        tokens.append(_TOK.eot)
+        tokens.extend(_TOK.encode_ordinary(text))
         lengths[i] = len(tokens) - before
-    return np.array(tokens, dtype=np.uint16), lengths
+    return np.array(tokens, dtype=token_dtype(_TOK.vocab_size)), lengths
 
 
 def _tasks(docs: Iterator[tuple[int, str | None, str]]) -> Iterator[tuple[list[int], list[str | None], list[str]]]:
@@ -226,7 +252,8 @@ class SplitWriter:
         if self.fill:
             name = shard_name(self.split, len(self.shards))
             self.out.mkdir(parents=True, exist_ok=True)  # created with the first shard: a failed start leaves none
-            sha = write_shard(self.out / name, np.concatenate(self.parts))
+            tokens = np.concatenate(self.parts)
+            sha = write_shard(self.out / name, tokens, tokens.dtype)  # uint16, or uint32 for a large vocabulary
             self.shards.append({"file": name, "tokens": self.fill, "sha256": sha})
             self.parts, self.fill = [], 0
             self.resume_doc, self.resume_offset, self.resume_total = next_pos
@@ -416,12 +443,16 @@ def prepare(
     workers: int | None = None,
     quiet: bool = False,
     start_method: str | None = None,
+    tokenizer: str | Path | None = None,
 ) -> dict:
     """Tokenize a source into shards under ``out``; resume an unfinished run; return the manifest.
 
     ``start_method``: how tokenizer worker processes start (None: the platform's default; see tokenize_stream).
+    ``tokenizer``: "gpt2" (None) or a folder holding a trained tokenizer.json; ``settings.tokenizer`` is set from it.
     """
     out = Path(out)
+    tok = load_tokenizer(mirror, tokenizer)
+    settings = dataclasses.replace(settings, tokenizer="gpt2" if isinstance(tok, Tokenizer) else tok.hash)
     if (out / MANIFEST).is_file():
         manifest = json.loads((out / MANIFEST).read_text())
         if not _same_settings(manifest.get("settings"), settings):
@@ -436,7 +467,7 @@ def prepare(
     )
     start, total = min((w.resume_doc, w.resume_total) for w in run.writers.values())
     docs = _checked_documents(settings, opts, start, run.writers)
-    files = _worker_files(load_tokenizer(mirror))
+    files = _worker_files(tok)
     if start and not quiet:
         done = sum(len(w.shards) for w in run.writers.values())
         print(f"resuming {out}: {done} shard(s) complete, continuing from document {start:,}")
@@ -448,7 +479,7 @@ def prepare(
         stream.close()  # stops the worker pool, also on an error
         bar.close()
     run.finish(num_docs, total)
-    return _finish(out, settings, run.writers, num_docs, quiet)
+    return _finish(out, settings, run.writers, num_docs, quiet, tok)
 
 
 def _check_settings(settings: Settings) -> None:
@@ -460,7 +491,19 @@ def _check_settings(settings: Settings) -> None:
         raise Gpt2LabError(f"--max-tokens must be positive, got {settings.max_tokens}")
 
 
-def _finish(out: Path, settings: Settings, writers: dict[str, SplitWriter], num_docs: int, quiet: bool) -> dict:
+def _tokenizer_record(out: Path, tok: Tokenizer | TrainedTokenizer) -> tuple[dict, dict]:
+    """The manifest's tokenizer and shard_format entries; a trained tokenizer's files are copied into ``out``."""
+    if isinstance(tok, TrainedTokenizer):
+        for name in (TOKENIZER_JSON, TOKENIZER_META):
+            if (tok.folder / name).is_file():
+                shutil.copyfile(tok.folder / name, out / name)  # the dataset names its tokenizer and carries it
+    dtype = token_dtype(tok.vocab_size)
+    magic, version = (MAGIC, VERSION) if dtype == TOKEN_DTYPE else (MAGIC_U32, VERSION_U32)
+    record = {"name": tok.name, "hash": tok.hash, "vocab_size": tok.vocab_size, "eot": tok.eot}
+    return record, {"header_int32": 256, "magic": magic, "version": version, "dtype": dtype.name}
+
+
+def _finish(out: Path, settings: Settings, writers: dict[str, SplitWriter], num_docs: int, quiet: bool, tok) -> dict:
     """Check that train has tokens, then write the manifest (last) and drop the run state."""
     counts = {s: sum(sh["tokens"] for sh in w.shards) for s, w in writers.items()}
     total = sum(counts.values())
@@ -480,13 +523,14 @@ def _finish(out: Path, settings: Settings, writers: dict[str, SplitWriter], num_
             file=sys.stderr,
         )
     splits = {s: {"tokens": counts[s], "shards": w.shards} for s, w in writers.items() if counts[s]}
+    tokenizer, shard_format = _tokenizer_record(out, tok)
     manifest = {
         "format": MANIFEST_FORMAT,
         "format_version": MANIFEST_VERSION,
         "source": settings.source,
         "settings": asdict(settings),
-        "tokenizer": {"name": "gpt2", "vocab_size": VOCAB_SIZE, "eot": EOT_ID},
-        "shard_format": {"header_int32": 256, "magic": 20240520, "version": 1, "dtype": "uint16"},
+        "tokenizer": tokenizer,
+        "shard_format": shard_format,
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "documents": num_docs,
         "splits": splits,
@@ -525,5 +569,6 @@ def prepare_command(args: argparse.Namespace) -> int:
         val_books=args.val_books,
         val_fraction=val_fraction,
     )
-    prepare(settings, args.out or f"data/{args.source}", mirror=args.mirror, workers=args.workers)
+    out = args.out or f"data/{args.source}"
+    prepare(settings, out, mirror=args.mirror, workers=args.workers, tokenizer=args.tokenizer)
     return 0

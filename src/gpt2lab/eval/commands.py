@@ -42,7 +42,10 @@ def _run_task(task: str, model, tokenizer: Tokenizer, args: argparse.Namespace, 
             model, tokenizer, info.device, _data(args, task), limit, args.context, args.stride, **common
         )
     from gpt2lab.eval.loss import run_loss
+    from gpt2lab.tokenizer_match import check_same, data_tokenizer_record, record_of
 
+    shards = f"the shards of {args.data} were made with"
+    check_same(record_of(tokenizer), data_tokenizer_record(args.data), f"the model {args.model}", shards)
     if args.rope_scaling is not None or (args.seq_len or 0) > model.config.block_size:  # loss runs last in `all`
         from gpt2lab.generate import extend_context
 
@@ -71,20 +74,20 @@ def _check_inputs(args: argparse.Namespace, tasks: list[str]) -> None:
 
 
 def _summary(results: dict) -> list[tuple[str, object]]:
-    keys = {"hellaswag": ("acc", "acc_norm"), "wikitext2": ("ppl", "ppl_token"), "lambada": ("acc", "ppl"),
-            "loss": ("loss", "ppl")}  # fmt: skip
+    keys = {"hellaswag": ("acc", "acc_norm"), "wikitext2": ("ppl", "bpb", "ppl_token"), "lambada": ("acc", "ppl"),
+            "loss": ("loss", "ppl", "bpb")}  # fmt: skip
     return [(f"{task} {k}", results[task][k]) for task in TASKS if task in results for k in keys[task]]
 
 
 def eval_command(args: argparse.Namespace) -> int:
     from gpt2lab.loading import load_model
-    from gpt2lab.tokenizer import get_tokenizer
+    from gpt2lab.tokenizer_match import model_tokenizer
 
     tasks = [t for t in TASKS if t != "loss" or args.data] if args.task == "all" else [args.task]
     _check_inputs(args, tasks)
     info = init_distributed(args.device)
     try:
-        tokenizer = get_tokenizer(args.tokenizer)
+        tokenizer = model_tokenizer(args.model, args.tokenizer)  # the model's own: benchmarks are re-tokenized with it
         model = load_model(args.model, info.device, args.dtype)
         results: dict = {
             "model": args.model,

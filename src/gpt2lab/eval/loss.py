@@ -6,6 +6,10 @@ read in shard order; ranks take disjoint slices and the last partial global batc
 ``seq_len`` defaults to the model's block size, as in training. The mean is over every target
 token scored (all batches are full, so it equals the mean of the batch means).
 
+Loss and perplexity are per token, so they compare only models that share a tokenizer; ``bpb`` (bits per
+byte: the summed loss in bits over the UTF-8 bytes the scored target tokens stand for, <|endoftext|> counting
+none) compares across tokenizers, e.g. a trained 4k tokenizer against GPT-2's on the same text.
+
 Expected results: these depend on the dataset, so none is pinned here. For orientation:
 a uniform guess over GPT-2's vocabulary scores ln(50257) = 10.82; a freshly initialised model
 scores about 11.0; GPT-2 124M-sized models on web text reach about 3 after ~10B tokens.
@@ -36,8 +40,10 @@ def evaluate_loss(
     rank: int = 0,
     world_size: int = 1,
     progress: bool = False,
+    token_bytes: torch.Tensor | None = None,
 ) -> dict:
-    """Mean loss, perplexity and token count over ``split`` (all of it, or ``max_batches`` per rank)."""
+    """Mean loss, perplexity and token count over ``split`` (all of it, or ``max_batches`` per rank);
+    with ``token_bytes`` (UTF-8 bytes per token id) also bits per byte."""
     from gpt2lab.data.loader import ShardLoader
 
     net = raw_model(model)
@@ -53,17 +59,26 @@ def evaluate_loss(
     was_training = net.training
     net.eval()
     total = torch.zeros((), dtype=torch.float64, device=device)
+    nbytes = torch.zeros((), dtype=torch.float64, device=device)
+    if token_bytes is not None:
+        token_bytes = token_bytes.to(device)
     try:
         for _ in tqdm(range(n_batches), desc=f"loss ({split})", disable=not progress, unit="batch", leave=False):
             x, y = loader.next_batch()  # (B, T) each
             with autocast(device):
                 _, loss = net(x, y)
             total += loss.double() * y.numel()
+            if token_bytes is not None:
+                nbytes += token_bytes[y].sum()
     finally:
         net.train(was_training)
-    sums = all_reduce_sum({"nll": total.item(), "tokens": float(n_batches * batch_size * seq_len)}, device, world_size)
+    counts = {"nll": total.item(), "tokens": float(n_batches * batch_size * seq_len), "bytes": nbytes.item()}
+    sums = all_reduce_sum(counts, device, world_size)
     mean = sums["nll"] / sums["tokens"]
-    return {"loss": mean, "ppl": math.exp(mean), "tokens": int(sums["tokens"]), "seq_len": seq_len, "split": split}
+    result = {"loss": mean, "ppl": math.exp(mean), "tokens": int(sums["tokens"]), "seq_len": seq_len, "split": split}
+    if token_bytes is not None:
+        result |= {"bpb": sums["nll"] / math.log(2) / max(sums["bytes"], 1.0), "bytes": int(sums["bytes"])}
+    return result
 
 
 def run_loss(
@@ -78,12 +93,15 @@ def run_loss(
     world_size: int = 1,
 ) -> dict:
     """The ``eval loss`` command's work: score the split, print a table; returns the results."""
-    result = evaluate_loss(model, data, split, device, batch_size, seq_len, max_batches, rank, world_size, rank == 0)
-    result["data"] = str(data)
-    print0(
-        format_table(
-            f"Loss on {data} [{split}] (windows of {result['seq_len']} tokens, as in training)",
-            [("loss", result["loss"]), ("ppl", result["ppl"]), ("tokens", result["tokens"])],
-        )
+    from gpt2lab.data.shards import dataset_tokenizer
+    from gpt2lab.tokenizer import token_byte_lengths
+
+    token_bytes = torch.tensor(token_byte_lengths(dataset_tokenizer(data)), dtype=torch.float64)
+    result = evaluate_loss(
+        model, data, split, device, batch_size, seq_len, max_batches, rank, world_size, rank == 0, token_bytes
     )
+    result["data"] = str(data)
+    rows = [("loss (per token)", result["loss"]), ("ppl (per token)", result["ppl"])]
+    rows += [("bits per byte (across tokenizers)", result["bpb"]), ("tokens", result["tokens"])]
+    print0(format_table(f"Loss on {data} [{split}] (windows of {result['seq_len']} tokens, as in training)", rows))
     return result

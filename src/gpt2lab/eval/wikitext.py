@@ -151,13 +151,15 @@ def run_wikitext(
     """The ``eval wikitext2`` command's work: detokenize, score, print a table; returns the results."""
     path = locate(data)
     lines = read_lines(path, limit)
-    ids = tokenizer.encode_ordinary("\n".join(detokenize(line) for line in lines))
+    text = "\n".join(detokenize(line) for line in lines)
+    ids = tokenizer.encode_ordinary(text)
     words = word_count(lines)
     print0(f"WikiText-2 file: {path} ({len(lines)} lines, {words} words, {len(ids)} BPE tokens after detokenizing)")
     r = evaluate_ids(model, ids, tokenizer.eot, device, context, stride, batch_size, rank, world_size, rank == 0)
     result = {
         "ppl": math.exp(r["nll"] / words),
         "ppl_token": math.exp(r["nll"] / r["tokens"]),
+        "bpb": r["nll"] / math.log(2) / len(text.encode()),  # per UTF-8 byte of the scored text, as per word
         "nll": r["nll"],
         "words": words,
         "tokens": int(r["tokens"]),
@@ -167,9 +169,11 @@ def run_wikitext(
     }
     print0(
         format_table(
-            f"WikiText-2 (sliding window: context {result['context']}, stride {result['stride']})",
+            f"WikiText-2 (sliding window: context {result['context']}, stride {result['stride']}; per word and per "
+            "byte compare across tokenizers, per token does not)",
             [
                 ("ppl (per word)", result["ppl"]),
+                ("bits per byte", result["bpb"]),
                 ("ppl_token (per BPE token)", result["ppl_token"]),
                 ("words", words),
                 ("BPE tokens", result["tokens"]),

@@ -1,0 +1,75 @@
+"""`gpt2lab sft`: fine-tune a model on conversations through the one training loop (``gpt2lab.train``).
+
+The CLI glue, like ``gpt2lab.launch``: it builds a Config whose [model] is the base model's (with the chat
+vocabulary, ``gpt2lab.chat.base``), whose [sft] names the data, and whose [optim] schedule is [sft]'s; then
+``train.train`` runs it. Batches come from ``gpt2lab.chat.sft_data`` (train.setup picks them when sft.data is
+set); checkpoints, resume, metrics, DDP and the progress line are the loop's own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tomllib
+from pathlib import Path
+
+from gpt2lab.chat.base import base_model_config, base_tokenizer, chat_model_config, sft_vocab
+from gpt2lab.config import Config, build_config, parse_sets, validate
+from gpt2lab.errors import Gpt2LabError
+from gpt2lab.train import train
+
+# An SFT run's defaults where the config and --set say nothing: short, checkpointed, validated often.
+SFT_DEFAULTS = {
+    "train": {"max_steps": 300, "micro_batch": 8, "save_every": 100, "keep_checkpoints": 2},
+    "eval": {"val_every": 50, "val_batches": 8, "sample_every": 0, "hellaswag_every": 0},
+    "log": {"every": 10},
+}
+
+
+def sft_config(args: argparse.Namespace) -> Config:
+    """The Config of `gpt2lab sft [CONFIG] --model M --data PATH[:W] ... [--set k=v ...]`."""
+    values: dict = {}
+    source = "gpt2lab sft"
+    if args.config:
+        path = Path(args.config)
+        if not path.is_file():
+            raise Gpt2LabError(f"{path}: config file not found")
+        try:
+            values = tomllib.loads(path.read_text())
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+            raise Gpt2LabError(f"{path}: not valid TOML ({e})") from None
+        source = str(path)
+    if "model" in values:
+        raise Gpt2LabError(f"{source}: an SFT run takes its [model] from the model it fine-tunes (sft.model)")
+    sets = parse_sets(args.set)
+    sft = values.setdefault("sft", {})
+    if args.model:
+        sft["model"] = args.model
+    if args.data:
+        sft["data"] = ",".join(args.data)
+    model_spec, data = sets.get("sft.model", sft.get("model")), sets.get("sft.data", sft.get("data"))
+    if not model_spec or not data:
+        raise Gpt2LabError("gpt2lab sft needs --model (the model to fine-tune) and --data (conversations)")
+    model = chat_model_config(base_model_config(model_spec), sft_vocab(base_tokenizer(model_spec)))
+    values["model"] = model.to_dict()
+    for section, defaults in SFT_DEFAULTS.items():
+        values[section] = defaults | values.get(section, {})
+    train_values = values["train"]
+    if "total_batch" not in train_values and "train.total_batch" not in sets:  # one micro-batch per step
+        micro = sets.get("train.micro_batch", train_values["micro_batch"])
+        if str(micro).isdigit():  # "auto": the user sets train.total_batch
+            train_values["total_batch"] = int(micro) * model.block_size
+    cfg = build_config(values, source, args.set)
+    s, o = cfg.sft, cfg.optim  # the SFT schedule: [sft]'s lr, warmup share and floor replace [optim]'s
+    o.lr, o.min_lr_ratio, o.weight_decay = s.lr, s.min_lr_ratio, s.weight_decay
+    o.warmup_steps, o.decay_steps = round(s.warmup_fraction * cfg.train.max_steps), cfg.train.max_steps
+    validate(cfg, source)
+    return cfg
+
+
+def sft_command(args: argparse.Namespace) -> int:
+    """`gpt2lab sft ...`: fine-tune, then say how to chat with the result."""
+    cfg = sft_config(args)
+    run_dir = Path(args.run_dir or Path("runs") / "chat")
+    train(cfg, run_dir)
+    print(f"chat with it: gpt2lab chat --model {run_dir}")
+    return 0

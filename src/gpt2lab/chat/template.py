@@ -1,0 +1,95 @@
+"""The chat format: one function turns a conversation into token ids and the mask of trained tokens.
+
+A conversation is OpenAI's list of ``{"role", "content"}`` messages: an optional system message first, then
+user and assistant messages. It is rendered as
+
+    <|endoftext|> [<|system_start|> text <|system_end|>] <|user_start|> text <|user_end|>
+    <|assistant_start|> text <|assistant_end|> ...
+
+<|endoftext|> opens the conversation as it opened every document GPT-2 saw. Contents are encoded as plain
+text (``encode_ordinary``), so a message holding the string ``<|user_start|>`` or ``<|endoftext|>`` stays text
+and can never forge a role. The mask is 1 on the tokens SFT trains: each assistant message's content and its
+<|assistant_end|> (the model learns to stop), never the prompt or the <|assistant_start|> it is given.
+SFT, ``gpt2lab chat`` and the exported Jinja template (``CHAT_TEMPLATE``, tested equal) all use this format.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from gpt2lab.errors import Gpt2LabError
+from gpt2lab.tokenizer import EOT_TOKEN
+
+ROLES = ("system", "user", "assistant")
+
+# The same rendering for transformers' apply_chat_template (written into an exported tokenizer_config.json).
+CHAT_TEMPLATE = (
+    "{{ '" + EOT_TOKEN + "' }}"
+    "{% for message in messages %}"
+    "{{ '<|' + message['role'] + '_start|>' + message['content'] + '<|' + message['role'] + '_end|>' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant_start|>' }}{% endif %}"
+)
+
+
+def check_conversation(messages: Sequence[dict], generation: bool = False) -> None:
+    """Raise Gpt2LabError naming the first bad message (index and why)."""
+    if not isinstance(messages, Sequence) or isinstance(messages, str) or not messages:
+        raise Gpt2LabError("a conversation must be a non-empty list of messages")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or "role" not in m or "content" not in m:
+            raise Gpt2LabError(f"message {i}: must be an object with 'role' and 'content'")
+        if m["role"] not in ROLES:
+            raise Gpt2LabError(f"message {i}: unknown role {m['role']!r} (expected one of {', '.join(ROLES)})")
+        if not isinstance(m["content"], str):
+            raise Gpt2LabError(f"message {i}: content must be a string (got {type(m['content']).__name__})")
+        if m["role"] == "system" and i > 0:
+            why = "a second system message" if messages[0]["role"] == "system" else "the system message must be first"
+            raise Gpt2LabError(f"message {i}: {why}")
+    if generation and messages[-1]["role"] != "user":
+        raise Gpt2LabError(
+            f"message {len(messages) - 1}: a conversation to answer must end with a user message "
+            f"(got {messages[-1]['role']!r})"
+        )
+
+
+def render(messages: Sequence[dict], tokenizer, generation: bool = False) -> tuple[list[int], list[int]]:
+    """(ids, mask) of a conversation; with ``generation`` it ends with <|assistant_start|> for the model to answer.
+
+    mask[i] = 1 where ids[i] is trained: assistant contents and their <|assistant_end|>.
+    """
+    check_conversation(messages, generation)
+    ids, mask = [tokenizer.eot], [0]
+    for m in messages:
+        role = m["role"]
+        body = tokenizer.encode_ordinary(m["content"]) + [tokenizer.special_id(f"<|{role}_end|>")]
+        ids += [tokenizer.special_id(f"<|{role}_start|>")] + body
+        mask += [0] + [int(role == "assistant")] * len(body)
+    if generation:
+        ids.append(tokenizer.special_id("<|assistant_start|>"))
+        mask.append(0)
+    return ids, mask
+
+
+def render_prompt(messages: Sequence[dict], tokenizer) -> list[int]:
+    """The ids the model continues to answer a conversation ending with a user message."""
+    return render(messages, tokenizer, generation=True)[0]
+
+
+def fit_history(messages: list[dict], tokenizer, budget: int) -> tuple[list[dict], int]:
+    """(messages whose prompt fits ``budget`` tokens, how many were dropped): oldest turns first, system kept.
+
+    A turn is dropped whole (a user message and the replies after it), so the history stays a conversation;
+    the last user message is never dropped: if it alone is too long, the error says so.
+    """
+    system = messages[:1] if messages and messages[0]["role"] == "system" else []
+    rest, dropped = list(messages[len(system) :]), 0
+    while len(render_prompt(system + rest, tokenizer)) > budget:
+        starts = [i for i, m in enumerate(rest) if m["role"] == "user" and i > 0]
+        if not starts:
+            raise Gpt2LabError(
+                f"the last message alone does not fit the model's context ({budget} tokens for the prompt)"
+            )
+        dropped += starts[0]
+        rest = rest[starts[0] :]
+    return system + rest, dropped

@@ -1,0 +1,201 @@
+"""`gpt2lab chat`: a multi-turn conversation in the terminal, streamed token by token.
+
+Each turn renders the whole history with ``gpt2lab.chat.template`` (the format SFT trained) and decodes with
+``gpt2lab.generate`` until <|assistant_end|>. When the history no longer fits the context (the prompt plus
+room for a reply), the oldest turns are dropped, the system message kept, and a notice says so. Text is
+released only at whole UTF-8 characters (``TextStream``). Ctrl-C stops the current reply and keeps what was
+said; at the prompt it leaves. A base model (not fine-tuned with ``gpt2lab sft``) has never seen the special
+tokens, so it gets the conversation as a plain "User:/Assistant:" transcript instead, with a warning.
+
+Commands: /reset, /system TEXT, /temp X, /quit, /help.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import TextIO
+
+from gpt2lab.chat.template import check_conversation, fit_history, render_prompt
+from gpt2lab.errors import Gpt2LabError
+from gpt2lab.generate import TextStream, check_sampling_args, generate
+
+HELP = "commands: /reset (new conversation), /system TEXT, /temp X, /quit; Ctrl-C stops a reply"
+PLAIN_ROLES = {"system": "System", "user": "User", "assistant": "Assistant"}
+
+
+@dataclass
+class Sampling:
+    """The sampling settings of a reply (the flags of `gpt2lab sample`)."""
+
+    max_new_tokens: int = 256
+    temperature: float = 0.7
+    top_k: int | None = 50
+    top_p: float | None = None
+    seed: int | None = None
+
+
+@dataclass
+class Chat:
+    """A conversation with one model: its history and how replies are sampled."""
+
+    model: object  # gpt2lab.model.GPT, in eval mode
+    tokenizer: object
+    chat_model: bool = True  # False: a base model, spoken to in a plain-text transcript
+    system: str = ""
+    sampling: Sampling = field(default_factory=Sampling)
+    messages: list[dict] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.messages = [{"role": "system", "content": self.system}] if self.system else []
+
+    def prompt_ids(self, messages: list[dict]) -> list[int]:
+        if self.chat_model:
+            return render_prompt(messages, self.tokenizer)
+        check_conversation(messages, generation=True)
+        text = "".join(f"{PLAIN_ROLES[m['role']]}: {m['content']}\n" for m in messages) + "Assistant:"
+        return [self.tokenizer.eot] + self.tokenizer.encode_ordinary(text)
+
+    def fit(self) -> int:
+        """Drop the oldest turns until the prompt leaves room for a reply; return how many messages went."""
+        block = self.model.config.block_size
+        budget = block - min(self.sampling.max_new_tokens, block // 2)
+        if self.chat_model:
+            self.messages, dropped = fit_history(self.messages, self.tokenizer, budget)
+            return dropped
+        dropped = 0
+        while len(self.prompt_ids(self.messages)) > budget:
+            first = 1 if self.messages[0]["role"] == "system" else 0
+            if len(self.messages) - first <= 1:
+                raise Gpt2LabError(f"the last message alone does not fit the model's context ({budget} tokens)")
+            self.messages.pop(first)
+            dropped += 1
+        return dropped
+
+    def reply_tokens(self) -> Iterator[int]:
+        """The reply's token ids as they are sampled, up to (not including) the end of the turn."""
+        ids = self.prompt_ids(self.messages)
+        s = self.sampling
+        room = self.model.config.block_size - len(ids)  # never slide the window: the system message would go
+        end = self.tokenizer.special_id("<|assistant_end|>") if self.chat_model else self.tokenizer.eot
+        steps = generate(
+            self.model, ids, max_new_tokens=min(s.max_new_tokens, room), temperature=s.temperature, top_k=s.top_k,
+            top_p=s.top_p, seed=s.seed, eos_id=end,
+        )  # fmt: skip
+        for step in steps:
+            token = step[0]
+            if token is None or token >= self.tokenizer.eot:  # the turn's end, or any other special token
+                return
+            yield token
+
+    def say(self, text: str, out: TextIO) -> str:
+        """Add a user message, stream the reply to out, keep it in the history; return it."""
+        self.messages.append({"role": "user", "content": text})
+        dropped = self.fit()
+        if dropped:
+            block = self.model.config.block_size
+            notice(f"the conversation outgrew the context ({block} tokens): dropped the {dropped} oldest messages")
+        stream = TextStream(self.tokenizer, eos_id=None)
+        stop_at = "\nUser:" if not self.chat_model else None  # a base model goes on to write the next turn
+        try:
+            for token in self.reply_tokens():
+                out.write(stream.push(token))
+                out.flush()
+                if stop_at and stop_at in stream.text:
+                    break
+        except KeyboardInterrupt:
+            out.write(" [stopped]")
+        stream.flush()
+        reply = stream.text.split(stop_at)[0] if stop_at else stream.text
+        out.write("\n")
+        out.flush()
+        self.messages.append({"role": "assistant", "content": reply.strip() if not self.chat_model else reply})
+        return reply
+
+    def command(self, line: str) -> bool:
+        """Run a /command; return False for /quit."""
+        name, _, arg = line.partition(" ")
+        if name == "/quit":
+            return False
+        if name == "/reset":
+            self.reset()
+            notice("new conversation")
+        elif name == "/system":
+            self.system = arg.strip()
+            self.messages = [m for m in self.messages if m["role"] != "system"]
+            if self.system:
+                self.messages.insert(0, {"role": "system", "content": self.system})
+            notice(f"system message {'set' if self.system else 'removed'}")
+        elif name == "/temp":
+            try:
+                value = float(arg)
+                check_sampling_args(1, 1, value, None, None)
+            except (ValueError, Gpt2LabError):
+                notice(f"/temp takes a number >= 0 (got {arg.strip()!r})")
+                return True
+            self.sampling.temperature = value
+            notice(f"temperature {value}")
+        else:
+            notice(HELP)
+        return True
+
+
+def notice(text: str) -> None:
+    print(f"[{text}]", file=sys.stderr, flush=True)
+
+
+def run(chat: Chat, stdin: TextIO, out: TextIO) -> None:
+    """Read lines from stdin until /quit or end of input; each line is a user message or a command."""
+    interactive = stdin.isatty()
+    while True:
+        try:
+            if interactive:
+                out.write("you> ")
+                out.flush()
+            line = stdin.readline()
+        except KeyboardInterrupt:  # Ctrl-C at the prompt: leave
+            out.write("\n")
+            return
+        if not line:
+            return
+        line = line.strip()
+        if not line:
+            continue
+        if line.startswith("/"):
+            if not chat.command(line):
+                return
+            continue
+        if interactive:
+            out.write("assistant> ")
+        chat.say(line, out)
+
+
+def chat_command(args: argparse.Namespace) -> int:
+    """`gpt2lab chat --model RUN`: load the model, warn if it is a base model, then talk."""
+    from gpt2lab.chat.base import is_chat_model
+    from gpt2lab.dist import default_device
+    from gpt2lab.generate import _check_device
+    from gpt2lab.loading import load_model
+    from gpt2lab.tokenizer_match import model_tokenizer
+
+    sampling = Sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed)
+    check_sampling_args(1, sampling.max_new_tokens, sampling.temperature, sampling.top_k, sampling.top_p)
+    device = _check_device(args.device or default_device())
+    tokenizer = model_tokenizer(args.model, args.tokenizer)  # the model's own: GPT-2's or a trained one
+    chat_model = is_chat_model(args.model)
+    model = load_model(args.model, device, args.dtype)
+    if not chat_model:
+        print(
+            f"warning: {args.model} is a base model, not fine-tuned for chat (gpt2lab sft): it gets a plain "
+            "'User:/Assistant:' transcript and will continue text rather than answer",
+            file=sys.stderr,
+        )
+    chat = Chat(model, tokenizer, chat_model, args.system or "", sampling)
+    notice(f"chatting with {args.model} ({model.config.block_size}-token context); {HELP}")
+    run(chat, sys.stdin, sys.stdout)
+    return 0
