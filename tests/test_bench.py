@@ -61,18 +61,28 @@ def test_ratio_interval_is_the_order_statistics_of_the_per_round_ratios():
 
 
 def test_a_a_comparison_reports_no_measurable_difference(tmp_path, capsys, strict):
-    """`--compare` on a config whose [perf] is the plain path: the same variant twice."""
+    """`--compare` on a config whose [perf] is the plain path: the same variant twice.
+
+    The verdict's interval is a 97.9% one, so an honest A/A comparison reports a "difference" about 2% of
+    the time (more on loaded cores). One retry: a comparator that is right reports a difference twice in a
+    row about 0.04% of the time; one biased toward "different" (or "slower") still fails both times.
+    """
     cfg = write_config(tmp_path, model=SMALL_VOCAB)
-    assert main(["bench", "train", "--config", str(cfg), "--compare", "--steps", "20"]) == 0
-    out = capsys.readouterr().out
-    assert "3 warmup + 10 rounds x 2 timed steps, variants interleaved" in out
-    line = _verdict(out)
-    assert "optimised vs plain: no measurable difference" in line, out
-    low, high = map(float, re.search(r"interval ([\d.]+)x-([\d.]+)x", line).groups())
-    assert low <= 1.0 <= high
-    rows = [row.split("|") for row in out.splitlines() if row.lstrip().startswith(("plain |", "optimised |"))]
-    finals = [row[5].strip() for row in rows]
-    assert len(finals) == 2 and finals[0] == finals[1]  # the same function: the same loss after the same steps
+    verdicts = []
+    for _ in range(2):
+        assert main(["bench", "train", "--config", str(cfg), "--compare", "--steps", "20"]) == 0
+        out = capsys.readouterr().out
+        assert "3 warmup + 10 rounds x 2 timed steps, variants interleaved" in out
+        rows = [row.split("|") for row in out.splitlines() if row.lstrip().startswith(("plain |", "optimised |"))]
+        finals = [row[5].strip() for row in rows]
+        assert len(finals) == 2 and finals[0] == finals[1]  # the same function: the same loss after the same steps
+        line = _verdict(out)
+        verdicts.append(line)
+        if "optimised vs plain: no measurable difference" in line:
+            low, high = map(float, re.search(r"interval ([\d.]+)x-([\d.]+)x", line).groups())
+            assert low <= 1.0 <= high
+            return
+    pytest.fail(f"an A/A comparison reported a difference twice in a row: {verdicts}")
 
 
 def test_a_really_slower_variant_is_reported_slower(tmp_path, capsys, monkeypatch):
