@@ -81,6 +81,41 @@ def assert_not_close_f32(actual, expected, *, ulps: float = ULPS, scale: float |
     assert not err <= ulps, f"a bug-sized change moved the result by only {err:.3g} roundings (<= {ulps})"
 
 
+def cached_decoding(model, idx, prefill: int = 5, max_len: int | None = None, static: bool = False):
+    """The logits of ``idx`` decoded through a KV cache: a prefill, then one token at a time (no grad).
+
+    A test compares them with the full forward ``model(idx)[0]``: the cache must not change the function.
+    """
+    import torch
+
+    from gpt2lab.model import KVCache
+
+    T = idx.size(1)
+    with torch.no_grad():
+        cache = KVCache(model.config, batch_size=idx.size(0), max_len=max_len or T, static=static)
+        steps = [model(idx[:, :prefill], kv_cache=cache)[0]]
+        steps += [model(idx[:, t : t + 1], kv_cache=cache)[0] for t in range(prefill, T)]
+    return torch.cat(steps, dim=1)
+
+
+def assert_fused_loss_and_recompute_match_plain(make_model, x) -> None:
+    """perf.ce_chunk_size (7) with activation checkpointing gives the plain path's loss and gradients.
+
+    ``make_model()`` builds the same model (same weights) each call; x is used as input and targets.
+    """
+    results = []
+    for chunk, recompute in ((0, False), (7, True)):
+        model = make_model().train()
+        model.ce_chunk_size, model.activation_checkpointing = chunk, recompute
+        _, loss = model(x, x)
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad for n, p in model.named_parameters()}))
+    (loss_a, grads_a), (loss_b, grads_b) = results
+    assert_close_f32(loss_b, loss_a)
+    for name, grad in grads_a.items():
+        assert_close_f32(grads_b[name], grad, terms=32, msg=name)
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     if not (SHARED_DATA / "gpt2_tokenizer" / "vocab.bpe").is_file():

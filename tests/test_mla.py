@@ -10,7 +10,7 @@ import torch
 
 from gpt2lab.checkpoint import save_model
 from gpt2lab.model import GPT, GPTConfig, KVCache
-from tests.conftest import REPO, assert_close_f32, assert_not_close_f32
+from tests.conftest import REPO, assert_close_f32, assert_not_close_f32, cached_decoding
 
 # odd shapes: 3 heads of 12, nope 5, rope 6, v 7, latent 10 (query latent 14 where used)
 BASE = dict(block_size=32, vocab_size=97, n_layer=2, n_head=3, n_embd=36)
@@ -37,10 +37,7 @@ def test_absorbed_decoding_equals_the_naive_forward(q_lora_rank, static):
     idx = torch.randint(0, 97, (2, 12))
     with torch.no_grad():
         full, _ = model(idx)
-        cache = KVCache(model.config, batch_size=2, max_len=16, static=static)
-        steps = [model(idx[:, :5], kv_cache=cache)[0]]  # a prefill of 5, then one token at a time
-        steps += [model(idx[:, t : t + 1], kv_cache=cache)[0] for t in range(5, 12)]
-        assert_close_f32(torch.cat(steps, dim=1), full)
+        assert_close_f32(cached_decoding(model, idx, max_len=16, static=static), full)  # prefill 5, then 1 by 1
         w = model.transformer.h[1].attn.kv_b_proj.weight
         w[0, 0] += 0.05  # a slip in W_uk shows in either form (the comparison bites)
         assert_not_close_f32(model(idx)[0], full)

@@ -9,7 +9,12 @@ import torch
 from gpt2lab.checkpoint import load_model, save_model
 from gpt2lab.hf_llama import to_hf_state_dict
 from gpt2lab.model import GPT, GPTConfig, KVCache
-from tests.conftest import assert_close_f32, assert_not_close_f32
+from tests.conftest import (
+    assert_close_f32,
+    assert_fused_loss_and_recompute_match_plain,
+    assert_not_close_f32,
+    cached_decoding,
+)
 
 BASE = dict(block_size=32, vocab_size=97, n_layer=2, n_head=4, n_embd=32)
 VARIANTS = {
@@ -43,10 +48,7 @@ def test_kv_cache_decoding_equals_the_full_forward(name):
     idx = torch.randint(0, 97, (2, 12))
     with torch.no_grad():
         full, _ = model(idx)
-        cache = KVCache(model.config, batch_size=2, max_len=12)
-        steps = [model(idx[:, :5], kv_cache=cache)[0]]  # a prefill of 5, then one token at a time
-        steps += [model(idx[:, t : t + 1], kv_cache=cache)[0] for t in range(5, 12)]
-    assert_close_f32(torch.cat(steps, dim=1), full)
+    assert_close_f32(cached_decoding(model, idx), full)  # a prefill of 5, then one token at a time
 
 
 @pytest.mark.parametrize("name", VARIANTS)
@@ -72,17 +74,7 @@ def test_each_variant_trains_saves_and_loads(name, tmp_path):
 def test_fused_loss_and_recompute_give_the_plain_loss_and_gradients():
     """perf.ce_chunk_size and perf.activation_checkpointing on a RoPE, GQA, untied variant."""
     x = torch.randint(0, 97, (2, 16))
-    results = []
-    for chunk, recompute in ((0, False), (7, True)):
-        model = _model(**VARIANTS["modern"], tie_embeddings=False).train()
-        model.ce_chunk_size, model.activation_checkpointing = chunk, recompute
-        _, loss = model(x, x)
-        loss.backward()
-        results.append((loss.detach(), {n: p.grad for n, p in model.named_parameters()}))
-    (loss_a, grads_a), (loss_b, grads_b) = results
-    assert_close_f32(loss_b, loss_a)
-    for name, grad in grads_a.items():
-        assert_close_f32(grads_b[name], grad, terms=32, msg=name)
+    assert_fused_loss_and_recompute_match_plain(lambda: _model(**VARIANTS["modern"], tie_embeddings=False), x)
 
 
 def test_gpt2_defaults_build_exactly_gpt2():

@@ -12,9 +12,9 @@ import torch
 import torch.nn.functional as F
 
 from gpt2lab.checkpoint import save_model
-from gpt2lab.model import GPT, GPTConfig, KVCache
+from gpt2lab.model import GPT, GPTConfig
 from gpt2lab.moe import MoE
-from tests.conftest import assert_close_f32, assert_not_close_f32
+from tests.conftest import assert_close_f32, assert_not_close_f32, cached_decoding
 from tests.test_train import read_metrics, shakespeare_data, write_config  # noqa: F401 (fixture)
 
 BASE = dict(block_size=32, vocab_size=97, n_layer=2, n_head=4, n_embd=32)
@@ -168,10 +168,7 @@ def test_kv_cache_decoding_equals_the_full_forward():
     idx = torch.randint(0, 97, (2, 12))
     with torch.no_grad():
         full, _ = model(idx)
-        cache = KVCache(model.config, batch_size=2, max_len=12)
-        steps = [model(idx[:, :5], kv_cache=cache)[0]]  # a prefill of 5, then one token at a time
-        steps += [model(idx[:, t : t + 1], kv_cache=cache)[0] for t in range(5, 12)]
-    assert_close_f32(torch.cat(steps, dim=1), full)
+    assert_close_f32(cached_decoding(model, idx), full)  # a prefill of 5, then one token at a time
 
 
 def test_fused_loss_padded_vocab_and_recompute_give_the_plain_loss_gradients_and_loads():
