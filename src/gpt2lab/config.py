@@ -194,15 +194,20 @@ def build_config(values: dict, source: str, sets: Iterable[str] = ()) -> Config:
     return config
 
 
-def load_config(path: str | Path, sets: Iterable[str] = ()) -> Config:
-    """Read a TOML preset and apply --set overrides."""
+def read_toml(path: str | Path, missing_hint: str = "") -> dict:
+    """A config file's values; one error for a missing file or invalid TOML."""
     path = Path(path)
     if not path.is_file():
-        raise Gpt2LabError(f"{path}: config file not found (the presets are in configs/)")
+        raise Gpt2LabError(f"{path}: config file not found{missing_hint}")
     try:
-        values = tomllib.loads(path.read_text())
+        return tomllib.loads(path.read_text())
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise Gpt2LabError(f"{path}: not valid TOML ({e})") from None
+
+
+def load_config(path: str | Path, sets: Iterable[str] = ()) -> Config:
+    """Read a TOML preset and apply --set overrides."""
+    values = read_toml(path, " (the presets are in configs/)")
     return build_config(values, str(path), sets)
 
 

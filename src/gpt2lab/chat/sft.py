@@ -9,11 +9,10 @@ set); checkpoints, resume, metrics, DDP and the progress line are the loop's own
 from __future__ import annotations
 
 import argparse
-import tomllib
 from pathlib import Path
 
 from gpt2lab.chat.base import base_model_config, base_tokenizer, chat_model_config, sft_vocab
-from gpt2lab.config import Config, build_config, parse_sets, validate
+from gpt2lab.config import Config, build_config, parse_sets, read_toml, validate
 from gpt2lab.errors import Gpt2LabError
 from gpt2lab.train import train
 
@@ -30,14 +29,7 @@ def sft_config(args: argparse.Namespace) -> Config:
     values: dict = {}
     source = "gpt2lab sft"
     if args.config:
-        path = Path(args.config)
-        if not path.is_file():
-            raise Gpt2LabError(f"{path}: config file not found")
-        try:
-            values = tomllib.loads(path.read_text())
-        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-            raise Gpt2LabError(f"{path}: not valid TOML ({e})") from None
-        source = str(path)
+        values, source = read_toml(args.config), str(args.config)
     if "model" in values:
         raise Gpt2LabError(f"{source}: an SFT run takes its [model] from the model it fine-tunes (sft.model)")
     sets = parse_sets(args.set)
