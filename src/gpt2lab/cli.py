@@ -117,6 +117,19 @@ def add_data(sub) -> None:
     index = dsub.add_parser("index", help="write manifest.json for a folder of llm.c shards")
     index.add_argument("dir", help="a folder of llm.c .bin shards (NAME_train_000001.bin, NAME_val_000000.bin...)")
     index.set_defaults(func=run_data_index)
+    arith = dsub.add_parser("arith", help="write synthetic arithmetic conversations (JSONL) for gpt2lab sft")
+    arith.add_argument("--out", required=True, help="the JSONL file to write")
+    arith.add_argument("--n", type=int, default=5000, help="conversations (train-split problems)")
+    arith.add_argument("--digits", type=int, default=2, help="digits per operand")
+    arith.add_argument("--ops", default="+", help="operations drawn from: +, * or +*")
+    arith.add_argument("--thinking", action="store_true", help="the worked solution as the reply's thinking span")
+    arith.set_defaults(func=run_data_arith)
+
+
+def run_data_arith(args: argparse.Namespace) -> int:
+    from gpt2lab.rl.tasks import write_arith_conversations
+
+    return write_arith_conversations(args.out, args.n, args.digits, args.ops, args.thinking)
 
 
 def run_data_prepare(args: argparse.Namespace) -> int:
@@ -267,7 +280,7 @@ def _eval_wikitext_args(p: argparse.ArgumentParser) -> None:
 
 
 def add_eval(sub) -> None:
-    p = sub.add_parser("eval", help="evaluate a model: HellaSwag, loss on a dataset, WikiText-2, LAMBADA, or all")
+    p = sub.add_parser("eval", help="evaluate a model: HellaSwag, loss, WikiText-2, LAMBADA, all, GSM8K, arith")
     esub = p.add_subparsers(dest="eval", required=True)
     h = esub.add_parser("hellaswag", help="HellaSwag val accuracy (acc, acc_norm)")
     h.add_argument("--data", default=None, metavar="FILE", help="a HellaSwag jsonl (default: official, else mirror)")
@@ -294,12 +307,45 @@ def add_eval(sub) -> None:
     a.add_argument("--lambada-data", default=None, metavar="FILE", help="lambada_test.jsonl (default: the mirror's)")
     _eval_wikitext_args(a)
     _eval_common(a, "all")
+    g = esub.add_parser("gsm8k", help="GSM8K: the model writes answers, a verifier grades them (pass@1, pass@k)")
+    g.add_argument("--data", default=None, metavar="PATH", help="a folder of train/test.jsonl (default: the mirror's)")
+    _eval_generative_args(g)
+    ar = esub.add_parser("arith", help="synthetic addition/multiplication, answers written and graded")
+    ar.add_argument("--digits", type=int, default=3, help="digits of each operand (the difficulty)")
+    ar.add_argument("--ops", default="+", help="operators drawn from: +, *, or both (+*)")
+    ar.add_argument("--task-seed", type=int, default=0, help="which problems (test never meets train, any seed)")
+    _eval_generative_args(ar)
+
+
+def _eval_generative_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="a chat model (run folder, checkpoint, HF folder); a base model "
+                   "is asked in a plain User:/Assistant: transcript")  # fmt: skip
+    p.add_argument("--split", default="test", choices=["train", "test"], help="the problems' split")
+    p.add_argument("--limit", type=int, default=None, help="only the first N problems")
+    p.add_argument("--samples", type=int, default=1, help="also N sampled replies per problem: pass@k up to k=N")
+    p.add_argument("--temperature", type=float, default=1.0, help="of the sampled replies (pass@1 is greedy)")
+    p.add_argument("--max-new-tokens", type=int, default=256, help="longest reply, thinking included")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (problem i uses seed + i)")
+    p.add_argument("--prompt-format", default="auto", choices=["auto", "chat", "plain"],
+                   help="chat template or plain transcript (auto: chat for a model from gpt2lab sft)")  # fmt: skip
+    p.add_argument("--json", nargs="?", const="-", default=None, metavar="PATH",
+                   help="write the results as JSON to PATH (no PATH: print JSON instead of the table)")  # fmt: skip
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps (default: best available)")
+    p.add_argument("--dtype", default=None, choices=DTYPES, help="weights' dtype (default: as stored)")
+    p.add_argument("--tokenizer", default=None, help=TOKENIZER_HELP)
+    p.set_defaults(func=run_eval_generative)
 
 
 def run_eval(args: argparse.Namespace) -> int:
     from gpt2lab.eval.commands import eval_command
 
     return eval_command(args)
+
+
+def run_eval_generative(args: argparse.Namespace) -> int:
+    from gpt2lab.eval.generative import generative_command
+
+    return generative_command(args)
 
 
 # ----------------------------------------------------------------------------- bench
@@ -328,6 +374,26 @@ def run_bench_sample(args: argparse.Namespace) -> int:
     from gpt2lab.bench.sample import bench_sample
 
     return bench_sample(args)
+
+
+def add_bench_serve(bsub) -> None:
+    p = bsub.add_parser("serve", help="gpt2lab serve's aggregate tokens/s and time to first token vs clients")
+    p.add_argument("--model", default=None, help="any --model spec (default: random GPT-2 124M, no download)")
+    p.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16, 32], help="concurrent clients per level")
+    p.add_argument("--requests", type=int, default=2, help="streaming requests each client sends in turn")
+    p.add_argument("--max-tokens", type=int, default=32, help="new tokens per request")
+    p.add_argument("--max-batch", type=int, default=32, help="the engine's batch (gpt2lab serve --max-batch)")
+    p.add_argument("--device", default=None, help="cpu, cuda, ... (default: best available)")
+    p.add_argument("--dtype", default=None, choices=DTYPES, help="weights' dtype (default: as stored)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
+    p.add_argument("--json", action="store_true", help="also print the rows as JSON")
+    p.set_defaults(func=run_bench_serve)
+
+
+def run_bench_serve(args: argparse.Namespace) -> int:
+    from gpt2lab.bench.serve import bench_serve
+
+    return bench_serve(args)
 
 
 def add_bench_data(bsub) -> None:
@@ -384,7 +450,7 @@ def run_bench_eval(args: argparse.Namespace) -> int:
 def add_bench(sub) -> None:
     p = sub.add_parser("bench", help="benchmarks: speed of sampling, data, training, evaluation")
     bsub = p.add_subparsers(dest="bench", required=True)
-    for add in (add_bench_sample, add_bench_data, add_bench_train, add_bench_eval):
+    for add in (add_bench_sample, add_bench_data, add_bench_train, add_bench_eval, add_bench_serve):
         add(bsub)
 
 
@@ -397,6 +463,7 @@ def add_sft(sub) -> None:
     p.add_argument("--model", default=None, help="the model to fine-tune: run folder, checkpoint, HF folder or name")
     p.add_argument("--data", action="append", default=[], help="conversations PATH or PATH:WEIGHT (repeatable)")
     p.add_argument("--run-dir", default=None, help="where the run is written (default: runs/chat)")
+    p.add_argument("--thinking", action="store_true", help="GSM8K: the solution as a thinking span (sft.thinking)")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a setting")
     p.set_defaults(func=run_sft)
 
@@ -428,11 +495,65 @@ def run_chat(args: argparse.Namespace) -> int:
     return chat_command(args)
 
 
+def add_rl(sub) -> None:
+    p = sub.add_parser("rl", help="train a chat model with rewards from a verifier (GRPO, the training loop's RL)")
+    p.add_argument("config", nargs="?", default=None, help="optional TOML with an [rl] section (and [train], ...)")
+    p.add_argument("--model", default=None, help="the policy: a chat model (a gpt2lab sft run, checkpoint, export)")
+    p.add_argument("--task", default=None, help="gsm8k, arith, or a JSONL of prompts and answers")
+    p.add_argument("--run-dir", default=None, help="where the run is written (default: runs/rl)")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a setting")
+    p.set_defaults(func=run_rl)
+
+
+def run_rl(args: argparse.Namespace) -> int:
+    from gpt2lab.rl.command import rl_command
+
+    return rl_command(args)
+
+
+def add_serve(sub) -> None:
+    from gpt2lab.chat.limits import ServeLimits
+
+    d = ServeLimits()
+    p = sub.add_parser("serve", help="an OpenAI-compatible API and a chat web page (http://127.0.0.1:8000)")
+    p.add_argument("--model", required=True, help="a run folder from gpt2lab sft, a checkpoint or an exported folder")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (beyond this machine: needs --api-key)")
+    p.add_argument("--port", type=int, default=8000, help="port to listen on")
+    p.add_argument("--api-key", default=None, help="require Authorization: Bearer KEY on /v1 (or GPT2LAB_API_KEY)")
+    p.add_argument("--insecure-no-auth", action="store_true", help="serve a non-local address without a key")
+    p.add_argument("--cors-origin", action="append", default=[], help="allow browser calls from ORIGIN (repeatable)")
+    p.add_argument("--served-model-name", default="gpt2lab", help="the model id in /v1/models and responses")
+    p.add_argument("--max-batch", type=int, default=16, help="sequences decoded together (KV cache slots)")
+    p.add_argument("--max-queue", type=int, default=64, help="sequences waiting for a slot; beyond: 503")
+    p.add_argument(
+        "--max-tokens", type=int, default=d.max_tokens, help="most new tokens per request (default: context)"
+    )
+    p.add_argument("--default-max-tokens", type=int, default=d.default_max_tokens, help="when a request gives none")
+    p.add_argument("--max-n", type=int, default=d.max_n, help="most choices per request")
+    p.add_argument("--max-top-k", type=int, default=d.max_top_k, help="largest top_k a request may ask for")
+    p.add_argument("--max-messages", type=int, default=d.max_messages, help="most messages per request")
+    p.add_argument("--max-message-chars", type=int, default=d.max_message_chars, help="longest message")
+    p.add_argument("--max-total-chars", type=int, default=d.max_total_chars, help="all messages (or the prompt)")
+    p.add_argument("--max-body-bytes", type=int, default=d.max_body_bytes, help="largest request body (else 413)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps (default: best available)")
+    p.add_argument("--dtype", default=None, choices=DTYPES, help="weights' dtype (default: as stored)")
+    p.add_argument("--tokenizer", default=None, help=TOKENIZER_HELP)
+    levels = ["critical", "error", "warning", "info", "debug"]
+    p.add_argument("--log-level", default="info", choices=levels, help="the server log's level")
+    p.set_defaults(func=run_serve)
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    from gpt2lab.chat.server import serve_command
+
+    return serve_command(args)
+
+
 # ----------------------------------------------------------------------------- main
 
 SUBCOMMANDS = [
     add_sample, add_export, add_consolidate, add_data, add_tokenizer, add_train, add_plot, add_ablate, add_eval,
-    add_bench, add_sft, add_chat,
+    add_bench, add_sft, add_chat, add_serve, add_rl,
 ]  # fmt: skip
 
 

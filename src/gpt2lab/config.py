@@ -23,7 +23,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from gpt2lab.chat.sft_data import SFTConfig
+from gpt2lab.chat.sft_data import SFTConfig, packing_problems
 from gpt2lab.data.loader import DataConfig
 from gpt2lab.errors import Gpt2LabError
 from gpt2lab.fsdp import config_problems
@@ -31,6 +31,7 @@ from gpt2lab.model import GPTConfig
 from gpt2lab.optim import OptimConfig
 from gpt2lab.perf import PerfConfig
 from gpt2lab.reference import ReferenceConfig
+from gpt2lab.rl.rollout import RLConfig
 from gpt2lab.train import EvalConfig, LogConfig, TrainConfig
 
 # Optional fields (``X | None``) take this word for None: "derive it from other settings".
@@ -51,6 +52,7 @@ class Config:
     perf: PerfConfig = field(default_factory=PerfConfig)
     reference: ReferenceConfig = field(default_factory=ReferenceConfig)  # figures measured with the preset
     sft: SFTConfig = field(default_factory=SFTConfig)  # fine-tuning on conversations (gpt2lab sft); off when empty
+    rl: RLConfig = field(default_factory=RLConfig)  # RL with verifiable rewards (gpt2lab rl); off when rl.task is empty
 
     def to_dict(self) -> dict[str, dict]:
         return {f.name: dataclasses.asdict(getattr(self, f.name)) for f in dataclasses.fields(self)}
@@ -219,6 +221,7 @@ def validate(config: Config, source: str) -> None:
         if hasattr(section, "validate"):
             problems += section.validate(config.model) if name == "train" else section.validate()
     problems += config_problems(config)  # train.parallel=fsdp with what it cannot run (gpt2lab.fsdp)
+    problems += packing_problems(config.sft, config.perf)  # a document mask needs a kernel that takes masks
     if problems:
         raise Gpt2LabError(f"{source}: " + "; ".join(problems))
 

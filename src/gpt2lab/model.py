@@ -12,9 +12,12 @@ Departures from the reference, none of which change the function computed:
 - The vocabulary may be padded (50257 -> 50304) so the LM head matmul has a
   kernel-friendly size; the padded logits are sliced off before anyone sees them.
 - ``KVCache`` is a preallocated cache for decoding, so each new token costs O(context); its
-  static mode keeps every decoding step the same shape, for CUDA graphs.
+  static mode keeps every decoding step the same shape, for CUDA graphs. ``BatchKVCache`` holds
+  sequences at different positions, decoded together (continuous batching, for a server).
 - Two training-only switches, set by ``gpt2lab.perf``: ``ce_chunk_size`` (the fused LM head +
   cross-entropy of ``gpt2lab.ops``) and ``activation_checkpointing`` (recompute blocks).
+- ``forward(..., doc_ids=)``: rows packing several documents (SFT's conversations) attend within each document
+  only, positions restarting per document (``document_mask``); without it, SDPA's plain causal path.
 
 Beyond GPT-2, ``[model]`` switches pick small modules (the defaults are GPT-2's, so a GPT-2 config
 builds exactly the network above): ``norm`` (LayerNorm or RMSNorm, Zhang & Sennrich 2019),
@@ -345,6 +348,67 @@ class KVCache:
         self.pos_t.zero_()
 
 
+class BatchKVCache:
+    """A KV cache of ``slots`` independent sequences, each at its own position: continuous batching.
+
+    Where ``KVCache`` holds one position for the whole batch (every row continues the same prompt),
+    row b here holds ``lengths[b]`` tokens of its own sequence. A decoding step feeds one token to
+    each of the first ``rows`` slots (the active ones, kept at the front by ``move``), writes it at
+    that row's position and lets it attend to its row's keys only, so sequences that started at
+    different times decode together in one batch. A sequence enters a slot with ``load`` (its prompt
+    prefilled alone in a ``KVCache``). Same buffers and layout as ``KVCache``.
+    """
+
+    def __init__(self, config: GPTConfig, slots: int, max_len: int, device=None, dtype=None):
+        heads, k_dim, v_dim = config.kv_cache_dims
+        self.k = torch.zeros((config.n_layer, slots, heads, max_len, k_dim), device=device, dtype=dtype)
+        self.v = torch.zeros((config.n_layer, slots, heads, max_len, v_dim), device=device, dtype=dtype)
+        self.max_len = max_len
+        self.lengths = [0] * slots  # tokens held per slot (host ints: no device sync to read them)
+        self.rows = 0  # the active slots, 0 .. rows - 1, take part in the next step
+        self._index: torch.Tensor | None = None  # this step's write position per active row (rows,)
+        self._mask: torch.Tensor | None = None
+
+    def load(self, slot: int, prefilled: KVCache) -> None:
+        """Copy a one-sequence cache's tokens into ``slot``."""
+        n = prefilled.pos
+        if n > self.max_len:
+            raise ValueError(f"{n} tokens do not fit the slot's {self.max_len} positions")
+        self.k[:, slot, :, :n] = prefilled.k[:, 0, :, :n]
+        self.v[:, slot, :, :n] = prefilled.v[:, 0, :, :n]
+        self.lengths[slot] = n
+
+    def move(self, src: int, dst: int) -> None:
+        """Copy slot src's sequence into slot dst (to keep the active slots at the front)."""
+        n = self.lengths[src]
+        self.k[:, dst, :, :n] = self.k[:, src, :, :n]
+        self.v[:, dst, :, :n] = self.v[:, src, :, :n]
+        self.lengths[dst] = n
+
+    def prepare(self, T: int, device) -> torch.Tensor:
+        """Positions (rows, 1) of each active row's next token; fixes the step's per-row mask."""
+        if T != 1:
+            raise ValueError("a BatchKVCache step feeds one token per row (prefill each sequence in a KVCache)")
+        lengths = self.lengths[: self.rows]
+        if max(lengths) >= self.max_len:
+            raise ValueError(f"KV cache full: a row holds {max(lengths)} of {self.max_len} positions")
+        self._index = torch.tensor(lengths, device=device)  # (rows,)
+        keys = torch.arange(max(lengths) + 1, device=device)
+        self._mask = (keys[None, :] <= self._index[:, None])[:, None, None, :]  # (rows, 1, 1, keys): own row only
+        return self._index[:, None]
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        """Store each row's k, v (rows, heads, 1, dim) at its position; return its keys, values and mask."""
+        rows, keys = torch.arange(self.rows, device=k.device), self._mask.size(-1)
+        self.k[layer, rows, :, self._index] = k[:, :, 0]
+        self.v[layer, rows, :, self._index] = v[:, :, 0]
+        return self.k[layer, : self.rows, :, :keys], self.v[layer, : self.rows, :, :keys], self._mask
+
+    def advance(self, T: int) -> None:
+        for b in range(self.rows):
+            self.lengths[b] += T
+
+
 def make_norm(config: GPTConfig, dim: int) -> nn.Module:
     """The normalisation picked by config.norm, over the last dim."""
     if config.norm == "rmsnorm":
@@ -403,8 +467,10 @@ class Rotary(nn.Module):
     def forward(self, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # recomputed each call (hs/2 numbers): no buffer to save, or to lose when a model is built on "meta"
         inv_freq, scale = rope_frequencies(self.config, pos.device)
-        angles = pos.float()[:, None] * inv_freq[None, :]  # (T, hs/2), hs = config.rope_dim
+        angles = pos.float()[..., None] * inv_freq  # (T, hs/2), hs = config.rope_dim
         angles = torch.cat((angles, angles), dim=-1)  # (T, hs): the same angle for x_i and x_{i + hs/2}
+        if pos.dim() == 2:  # positions per row (B, T) -> (B, 1, T, hs): broadcast over the heads
+            angles = angles.unsqueeze(1)
         return angles.cos() * scale, angles.sin() * scale
 
 
@@ -412,7 +478,7 @@ def apply_rope(x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None) 
     """Rotate (B, nh, T, hs) queries or keys by their positions' angles; unchanged without RoPE."""
     if rope is None:
         return x
-    cos, sin = rope  # (T, hs) each
+    cos, sin = rope  # (T, hs) each, or (B, 1, T, hs) with positions per row
     x1, x2 = x.chunk(2, dim=-1)
     rotated = torch.cat((-x2, x1), dim=-1)  # the pair (x_i, x_{i + hs/2}) turned by 90 degrees
     return (x.float() * cos + rotated.float() * sin).type_as(x)
@@ -439,6 +505,7 @@ class CausalSelfAttention(nn.Module):
         layer: int = 0,
         rope: tuple | None = None,
         ve: torch.Tensor | None = None,
+        doc_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         B, T, C = x.size()
         kv_width = self.n_kv_head * self.head_size
@@ -450,13 +517,13 @@ class CausalSelfAttention(nn.Module):
         v = v.view(B, T, self.n_kv_head, self.head_size).transpose(1, 2)  # (B, n_kv, T, hs)
         q, k = apply_rope(q, rope), apply_rope(k, rope)
         dropout_p = self.dropout if self.training else 0.0
-        mask = None
+        mask = doc_mask  # (B, 1, T, T): causal within each packed document (GPT.forward_hidden), or None
         if kv_cache is not None:
             k, v, mask = kv_cache.update(layer, k, v)  # (B, n_kv, keys, hs): the cached context too
         if self.n_kv_head != self.n_head:  # grouped-query attention: each k/v head serves n_head / n_kv_head queries
             k = k.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
             v = v.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
-        if kv_cache is None:
+        if kv_cache is None and mask is None:  # plain causal: the fast kernels (flash) take no mask
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
@@ -522,7 +589,12 @@ class MultiHeadLatentAttention(nn.Module):
         self.resid_dropout = nn.Dropout(config.dropout)
 
     def forward(
-        self, x: torch.Tensor, kv_cache: KVCache | None = None, layer: int = 0, rope: tuple | None = None
+        self,
+        x: torch.Tensor,
+        kv_cache: KVCache | None = None,
+        layer: int = 0,
+        rope: tuple | None = None,
+        doc_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         B, T, C = x.size()
         q = self.query(x).view(B, T, self.n_head, -1).transpose(1, 2)  # (B, nh, T, nope + rope)
@@ -531,7 +603,7 @@ class MultiHeadLatentAttention(nn.Module):
         c_kv = self.kv_a_layernorm(c_kv).unsqueeze(1)  # (B, 1, T, r): one latent per token, read by every head
         q_rope, k_rope = apply_rope(q_rope, rope), apply_rope(k_rope.unsqueeze(1), rope)  # k_rope (B, 1, T, dr)
         if kv_cache is None:
-            y = self.naive(q_nope, q_rope, c_kv, k_rope)
+            y = self.naive(q_nope, q_rope, c_kv, k_rope, doc_mask)
         else:
             y = self.absorbed(q_nope, q_rope, *kv_cache.update(layer, c_kv, k_rope))  # the latents of all positions
         y = y.transpose(1, 2).reshape(B, T, self.n_head * self.v_head_dim)  # (B, T, nh * dv): re-assemble heads
@@ -548,15 +620,21 @@ class MultiHeadLatentAttention(nn.Module):
         """Softmax scale: 1 / sqrt(qk_nope + qk_rope), times YaRN's temperature on q and on k when scaled."""
         return yarn_mscale(self.config) ** 2 / math.sqrt(self.qk_nope_head_dim + self.qk_rope_head_dim)
 
-    def naive(self, q_nope, q_rope, c_kv, k_rope) -> torch.Tensor:
-        """Keys and values decompressed per head, then causal attention (training, a full forward): (B, nh, T, dv)."""
+    def naive(self, q_nope, q_rope, c_kv, k_rope, doc_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Keys and values decompressed per head, then causal attention (training, a full forward): (B, nh, T, dv).
+
+        doc_mask (B, 1, T, T): causal within each packed document instead (GPT.forward_hidden).
+        """
         B, _, T, _ = c_kv.shape
         kv = self.kv_b_proj(c_kv).view(B, T, self.n_head, -1).transpose(1, 2)  # (B, nh, T, nope + dv)
         k_nope, v = kv.split([self.qk_nope_head_dim, self.v_head_dim], dim=-1)
         q = torch.cat((q_nope, q_rope), dim=-1)  # (B, nh, T, nope + rope)
         k = torch.cat((k_nope, k_rope.expand(-1, self.n_head, -1, -1)), dim=-1)  # every head, the one RoPE key
         dropout_p = self.dropout if self.training else 0.0
-        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True, scale=self.scale)
+        causal = doc_mask is None
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=doc_mask, dropout_p=dropout_p, is_causal=causal, scale=self.scale
+        )
 
     def absorbed(self, q_nope, q_rope, c_kv, k_rope, mask: torch.Tensor | None) -> torch.Tensor:
         """Attention over the cached latents (decoding), W_uk absorbed into the query and W_uv applied after.
@@ -668,11 +746,26 @@ class Block(nn.Module):
         layer: int = 0,
         rope: tuple | None = None,
         ve: torch.Tensor | None = None,
+        doc_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         values = () if ve is None else (ve,)  # value embeddings, for blocks that have them (multi-head attention)
-        x = x + self.attn(self.ln_1(x), kv_cache, layer, rope, *values)
+        x = x + self.attn(self.ln_1(x), kv_cache, layer, rope, *values, doc_mask=doc_mask)
         x = x + self.mlp(self.ln_2(x))
         return x
+
+
+def document_mask(doc_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The attention mask (B, 1, T, T) and positions (B, T) of rows that pack several documents.
+
+    doc_ids (B, T) numbers each token's document; a document's tokens are contiguous in its row. A token
+    attends to the earlier tokens of its own document only (causal and same document: block-diagonal), and
+    positions restart at 0 with each document, so every document computes exactly what it computes alone.
+    """
+    T = doc_ids.size(1)
+    causal = torch.ones(T, T, dtype=torch.bool, device=doc_ids.device).tril()  # (T, T)
+    mask = (doc_ids[:, :, None] == doc_ids[:, None, :]) & causal  # (B, T, T): query i, key j
+    pos = mask.sum(-1) - 1  # (B, T): the earlier tokens of its own document
+    return mask.unsqueeze(1), pos  # (B, 1, T, T): one mask for every head
 
 
 class GPT(nn.Module):
@@ -772,15 +865,25 @@ class GPT(nn.Module):
         n -= sum(m.inactive_params() for m in self.moe_layers())  # MoE: only the k chosen experts compute
         return 6 * n + 6 * cfg.n_layer * cfg.n_head * sum(cfg.head_dims) * T
 
-    def forward_hidden(self, idx: torch.Tensor, kv_cache: KVCache | None = None) -> torch.Tensor:
-        """The final hidden states (B, T, n_embd), after ln_f and before the LM head."""
+    def forward_hidden(
+        self, idx: torch.Tensor, kv_cache: KVCache | BatchKVCache | None = None, doc_ids: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The final hidden states (B, T, n_embd), after ln_f and before the LM head.
+
+        ``doc_ids`` (B, T): packed documents (see ``document_mask``); each token sees only its own document.
+        """
         B, T = idx.size()
+        doc_mask = None
+        if doc_ids is not None and kv_cache is not None:
+            raise ValueError("doc_ids (packed documents) is for a full forward, not for decoding with a KV cache")
         if kv_cache is None:
             if T > self.config.block_size:
                 raise ValueError(f"sequence of {T} tokens exceeds block_size {self.config.block_size}")
             pos = torch.arange(T, device=idx.device)  # (T,)
+            if doc_ids is not None:  # built once for every layer: (B, 1, T, T), and positions (B, T)
+                doc_mask, pos = document_mask(doc_ids)
         else:
-            pos = kv_cache.prepare(T, idx.device)  # (T,) absolute positions after the cached ones
+            pos = kv_cache.prepare(T, idx.device)  # (T,) positions after the cached ones; (B, T): one row each
         x = self.transformer.wte(idx)  # (B, T, C)
         if "wpe" in self.transformer:
             x = x + self.transformer.wpe(pos)
@@ -791,9 +894,9 @@ class GPT(nn.Module):
                 x = self.x0_skip(x, x0, i)
             ve = self.value_embeds[str(i)](idx) if str(i) in self.value_embeds else None  # (B, T, kv_width)
             if self.activation_checkpointing and self.training and kv_cache is None:
-                x = checkpoint(block, x, None, i, rope, ve, use_reentrant=False)
+                x = checkpoint(block, x, None, i, rope, ve, doc_mask, use_reentrant=False)
             else:
-                x = block(x, kv_cache, i, rope, ve)
+                x = block(x, kv_cache, i, rope, ve, doc_mask)
         if kv_cache is not None:
             kv_cache.advance(T)
         if self.training:  # here, after the blocks: a block recomputed in the backward pass is not counted twice
@@ -802,16 +905,21 @@ class GPT(nn.Module):
         return self.transformer.ln_f(x)
 
     def forward(
-        self, idx: torch.Tensor, targets: torch.Tensor | None = None, kv_cache: KVCache | None = None
+        self,
+        idx: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        kv_cache: KVCache | None = None,
+        doc_ids: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Logits (B, T, vocab_size) and, given targets (B, T), the mean cross-entropy.
 
         Targets equal to -1 are ignored. Padded vocabulary rows never reach the logits,
         so they are never sampled and never enter the loss. With ``ce_chunk_size`` set and
         targets given, the logits are never materialised and None is returned in their place.
+        ``doc_ids`` (B, T): rows of packed documents, each attended to alone (``document_mask``).
         """
         cfg = self.config
-        x = self.forward_hidden(idx, kv_cache)
+        x = self.forward_hidden(idx, kv_cache, doc_ids)
         if targets is not None and self.ce_chunk_size:
             return None, self.with_aux_loss(
                 linear_cross_entropy(

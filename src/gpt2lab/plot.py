@@ -1,7 +1,8 @@
 """`gpt2lab plot RUN_DIR`: a run's curves from metrics.jsonl, drawn to a PNG with matplotlib.
 
 Four panels: train and val loss, HellaSwag accuracy, learning rate, throughput (tokens/s, with
-MFU on a second axis when the run logged it). Panels without data say so instead of vanishing.
+MFU on a second axis when the run logged it); an RL run draws its rewards (rollouts and held-out) and
+completion lengths in place of the first two. Panels without data say so instead of vanishing.
 `gpt2lab plot RUN RUN ...` compares runs instead: the table of ``gpt2lab.compare`` on stdout and
 their val loss against tokens and against training time, two panels on one PNG.
 Matplotlib runs on its Agg backend, so no display is needed.
@@ -65,8 +66,14 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     series = read_metrics(run_dir / "metrics.jsonl")
     out = Path(out) if out else run_dir / "curves.png"
     fig, axes = plt.subplots(2, 2, figsize=(12, 8))
-    _draw(axes[0, 0], series, [("train_loss", "train"), ("val_loss", "val")], "loss", "cross-entropy (nats)")
-    _draw(axes[0, 1], series, [("hellaswag", "acc_norm")], "HellaSwag", "accuracy")
+    if "reward" in series:  # an RL run (gpt2lab rl): rewards in place of losses, lengths in place of HellaSwag
+        rewards = [("reward", "rollout reward"), ("pass_rate", "rollout pass rate"), ("eval_reward", "held-out")]
+        _draw(axes[0, 0], series, rewards, "reward", "mean reward / accuracy")
+        lengths = [("completion_len", "completion"), ("thinking_len", "thinking")]
+        _draw(axes[0, 1], series, lengths, "completion length", "tokens")
+    else:
+        _draw(axes[0, 0], series, [("train_loss", "train"), ("val_loss", "val")], "loss", "cross-entropy (nats)")
+        _draw(axes[0, 1], series, [("hellaswag", "acc_norm")], "HellaSwag", "accuracy")
     _draw(axes[1, 0], series, [("lr", "learning rate")], "learning rate", "lr")
     _draw(axes[1, 1], series, [("tokens_per_s", "tokens/s")], "throughput", "tokens/s")
     if series.get("mfu"):

@@ -9,7 +9,8 @@ A tokenizer's identity is its name and sha256 (``gpt2``: GPT-2's two files; a tr
   tokenizer's name and sha256 (``train_state.tokenizer``), which the copy must match. A resumed run whose
   shards came from another tokenizer is refused, naming both.
 - An SFT run (``gpt2lab sft``) encodes its conversations with the tokenizer of the model it fine-tunes, records
-  and copies it the same way, so ``chat``/``sample``/``export`` of the SFT run find it.
+  and copies it the same way, so ``chat``/``sample``/``export`` of the SFT run find it. A resumed SFT run finds
+  it in its own checkpoint (``resume_from``), so the base model need not exist any more.
 - ``sample``/``eval``/``export`` find a model's tokenizer from that record (a checkpoint), or from the
   tokenizer.json + gpt2lab_tokenizer.json an export wrote (a Hugging Face folder); otherwise it is GPT-2's.
 """
@@ -44,23 +45,27 @@ def record_of(tok) -> dict:
 
 def _pretraining_data(cfg) -> Path | None:
     """The run's prepared dataset folder, when it pretrains on one that exists (SFT reads conversations)."""
-    if getattr(getattr(cfg, "sft", None), "data", None):
+    if getattr(getattr(cfg, "sft", None), "data", None) or getattr(getattr(cfg, "rl", None), "task", None):
         return None
     path = Path(cfg.data.path)
     return path if (path / "manifest.json").is_file() else None
 
 
-def _sft_model(cfg) -> str | None:
-    """The model an SFT run fine-tunes (its conversations are encoded with that model's tokenizer), else None."""
-    sft = getattr(cfg, "sft", None)
-    return sft.model if sft is not None and sft.data and sft.model else None
+def _sft_model(cfg, resume_from: Path | None = None) -> str | None:
+    """The model whose tokenizer an SFT run encodes its conversations with, else None: the model it fine-tunes,
+    or the run's own checkpoint when it resumes (which recorded that tokenizer; the base may be gone)."""
+    for name, active in (("sft", "data"), ("rl", "task")):  # RL: the policy's tokenizer, as SFT's
+        section = getattr(cfg, name, None)
+        if section is not None and getattr(section, active) and section.model:
+            return str(resume_from) if resume_from is not None else section.model
+    return None
 
 
-def data_record(cfg) -> dict | None:
+def data_record(cfg, resume_from: Path | None = None) -> dict | None:
     """The tokenizer record of the run's shards, or of the model an SFT run fine-tunes where that is a trained
     one; None for GPT-2's under SFT, or no dataset yet (setup reports that)."""
     if _sft_model(cfg):
-        tok = model_tokenizer(_sft_model(cfg), load_gpt2=False)
+        tok = model_tokenizer(_sft_model(cfg, resume_from), load_gpt2=False)
         return record_of(tok) if tok is not None else None
     path = _pretraining_data(cfg)
     return manifest_tokenizer(read_manifest(path)) if path else None
@@ -73,7 +78,7 @@ def data_tokenizer_record(data_dir: str | Path) -> dict:
 
 def agree(cfg, resume_from: Path | None) -> dict | None:
     """Fit the model's vocabulary to the shards' tokenizer; refuse to resume a run on another tokenizer's shards."""
-    record = data_record(cfg)
+    record = data_record(cfg, resume_from)
     if record is None:
         return None
     if record["hash"] != GPT2_HASH and not _sft_model(cfg):  # SFT: [model] is the fine-tuned model's (chat.base)
@@ -99,11 +104,11 @@ def check_same(model: dict, other: dict, model_where: str, other_what: str) -> N
         )
 
 
-def copy_into_run(cfg, run_dir: Path) -> None:
+def copy_into_run(cfg, run_dir: Path, resume_from: Path | None = None) -> None:
     """A trained tokenizer's files into the run folder, beside config.toml (SFT: the fine-tuned model's)."""
     path = _pretraining_data(cfg)
     if _sft_model(cfg):
-        tok = model_tokenizer(_sft_model(cfg), load_gpt2=False)
+        tok = model_tokenizer(_sft_model(cfg, resume_from), load_gpt2=False)
         path = tok.folder if isinstance(tok, TrainedTokenizer) else None
     if path is not None and (path / TOKENIZER_JSON).is_file() and path.resolve() != run_dir.resolve():
         for name in (TOKENIZER_JSON, TOKENIZER_META):
@@ -111,10 +116,10 @@ def copy_into_run(cfg, run_dir: Path) -> None:
                 shutil.copyfile(path / name, run_dir / name)
 
 
-def run_tokenizer(cfg):
+def run_tokenizer(cfg, resume_from: Path | None = None):
     """The tokenizer a run trains with (SFT: the fine-tuned model's; samples and HellaSwag during training)."""
     if _sft_model(cfg):
-        return model_tokenizer(_sft_model(cfg))
+        return model_tokenizer(_sft_model(cfg, resume_from))
     path = _pretraining_data(cfg)
     return dataset_tokenizer(path) if path else get_tokenizer()
 

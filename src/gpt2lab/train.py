@@ -160,16 +160,19 @@ def forward_backward(
     # SFT (a loader with masked_targets): the step's micro-batches are read first, so the loss can be averaged
     # over the trained tokens of the whole global batch, not micro-batch by micro-batch
     batches = [loader.next_batch() for _ in range(grad_accum)] if getattr(loader, "masked_targets", False) else None
-    weights = masked_weights([y for _, y in batches], ddp) if batches else None
+    weights = masked_weights([batch[1] for batch in batches], ddp) if batches else None
+    policy_loss = getattr(loader, "loss", None)  # RL: the loader's policy loss on its rollouts (gpt2lab.rl.rollout)
     for micro in range(grad_accum):
-        x, y = batches[micro] if batches else loader.next_batch()  # (B, T) each
+        batch = batches[micro] if batches else loader.next_batch()
+        x, y, *docs = batch  # (B, T) each
+        kw = {"doc_ids": docs[0]} if docs else {}  # SFT with a document mask: each token's conversation (B, T)
         if weights and weights[micro] == 0:  # no trained token: its mean loss is 0/0; one dummy target, weight 0
             y = torch.full_like(y, -1)
             y[0, 0] = 0
         sync = not ddp or micro == grad_accum - 1
         with nullcontext() if sync else model.no_sync():
             with autocast():
-                _, loss = model(x, y)
+                _, loss = (None, policy_loss(model, batch, y)) if policy_loss else model(x, y, **kw)
             loss = loss / grad_accum if weights is None else loss * weights[micro]
             (scaler.scale(loss) if scaler is not None else loss).backward()
         total = loss.detach() if total is None else total + loss.detach()
@@ -239,9 +242,9 @@ def val_loss(model: GPT, loader, batches: int, autocast, world_size: int = 1) ->
     masked = getattr(loader, "masked_targets", False)  # SFT: the mean over trained tokens, not over batches
     batches = min(batches, loader.batches_per_epoch)  # a small val split: each batch once
     for _ in range(batches):
-        x, y = loader.next_batch()
+        x, y, *docs = loader.next_batch()
         with autocast():
-            _, loss = model(x, y)
+            _, loss = model(x, y, **({"doc_ids": docs[0]} if docs else {}))
         if masked:  # a batch without a trained token (mean 0/0) adds nothing
             n = (y != -1).sum().float()
             loss, count = torch.nan_to_num(loss.float()) * n, count.to(n.device) + n
@@ -326,6 +329,7 @@ class Run:
     hellaswag_examples: list | None = None  # loaded at the first HellaSwag evaluation
     scaler: torch.amp.GradScaler | None = None  # float16 only: the loss scale, saved with each checkpoint
     skipped_steps: int = 0  # float16 steps the scaler skipped (an overflowed gradient), over the whole run
+    resumed_from: Path | None = None  # the checkpoint resumed: an SFT run's tokenizer is read there, not in its base
 
 
 def _dataset_check(cfg: RunConfig) -> None:
@@ -345,13 +349,21 @@ def sft_section(cfg: RunConfig):
     return sft if sft is not None and sft.data else None
 
 
+def rl_section(cfg: RunConfig):
+    """The [rl] section when this run trains a policy on a task's rewards (rl.task set), else None."""
+    rl = getattr(cfg, "rl", None)
+    return rl if rl is not None and rl.task else None
+
+
 def setup(cfg: RunConfig, run_dir: Path, info: DistInfo, resume: bool) -> Run:
     """Check everything that can fail early, then build the model, optimizer and loaders (and restore)."""
     from gpt2lab.data.loader import ShardLoader, open_val_loader
 
     grad_accum = grad_accum_steps(cfg, info.world_size)
     sft = sft_section(cfg)
-    if sft is None:
+    rl = rl_section(cfg)
+    tune = sft or rl  # fine-tuning a model (SFT or RL) rather than pretraining on shards
+    if tune is None:
         _dataset_check(cfg)
     if cfg.eval.hellaswag_every:
         from gpt2lab.eval.hellaswag import locate
@@ -372,23 +384,29 @@ def setup(cfg: RunConfig, run_dir: Path, info: DistInfo, resume: bool) -> Run:
     seed_everything(cfg.train.seed)
     sharded = cfg.train.parallel == "fsdp"  # FSDP2: built on meta, sharded, materialised (gpt2lab.fsdp)
     raw_model = fsdp.build_model(cfg, info, dtype) if sharded else GPT(cfg.model).to(info.device)
-    if sft is not None and not resume:  # SFT starts from the weights of the model it fine-tunes
+    if tune is not None and not resume:  # SFT and RL start from the weights of the model they fine-tune
         from gpt2lab.chat.base import load_base_weights
 
-        load_base_weights(raw_model, sft.model)
+        load_base_weights(raw_model, tune.model)
     optimizer = make_optimizer(raw_model, cfg.optim, info.device)
     kw = dict(rank=info.rank, world_size=info.world_size, device=info.device)
     if sft is not None:  # conversations packed into rows, targets -1 outside the assistant's tokens
         from gpt2lab.chat.sft_data import sft_loaders
 
-        loader, val_loader = sft_loaders(cfg, cfg.train.micro_batch, **kw)
+        loader, val_loader = sft_loaders(cfg, cfg.train.micro_batch, **kw, resume_from=latest if resume else None)
+    elif rl is not None:  # on-policy rollouts of the model being trained, rewarded by the task's verifier
+        from gpt2lab.rl.rollout import RolloutLoader
+
+        tok = tokenizer_match.run_tokenizer(cfg, latest if resume else None)
+        loader = RolloutLoader(raw_model, tok, rl, cfg.train.micro_batch, info.rank, info.world_size, cfg.train.seed)
+        val_loader = None
     else:
         loader = ShardLoader(
             cfg.data.path, "train", cfg.train.micro_batch, cfg.model.block_size, shuffle=cfg.data.shuffle,
             seed=cfg.data.seed, **kw,
         )  # fmt: skip
         val_loader = None
-    if cfg.eval.val_every > 0 and sft is None:
+    if cfg.eval.val_every > 0 and tune is None:
         val_loader, note = open_val_loader(cfg.data.path, cfg.train.micro_batch, cfg.model.block_size, **kw)
         if note:
             hardware.print_notices([note if val_loader else f"val loss unavailable: {note}"])
@@ -403,7 +421,7 @@ def setup(cfg: RunConfig, run_dir: Path, info: DistInfo, resume: bool) -> Run:
         model = DDP(model, device_ids=[info.local_rank] if caps.device_type == "cuda" else None)
     return Run(
         cfg, run_dir, info, raw_model, model, optimizer, loader, val_loader, grad_accum, autocast, start_step,
-        scaler=scaler, skipped_steps=skipped,
+        scaler=scaler, skipped_steps=skipped, resumed_from=latest if resume else None,
     )  # fmt: skip
 
 
@@ -445,7 +463,7 @@ def save(run: Run, step: int, metrics: dict) -> Path | None:
         "config": run.cfg.to_dict(),
         "grad_scaler": run.scaler.state_dict() if run.scaler is not None else None,  # plain floats and ints
         "skipped_steps": run.skipped_steps,
-        "tokenizer": tokenizer_match.data_record(run.cfg),  # name + sha256 of the shards' tokenizer (None: SFT)
+        "tokenizer": tokenizer_match.data_record(run.cfg, run.resumed_from),  # the shards' tokenizer (None: SFT, GPT-2)
         "git_commit": git_commit(),
         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
@@ -479,7 +497,7 @@ def _samples(run: Run, step: int) -> None:
     from gpt2lab.generate import generate_ids
 
     e = run.cfg.eval
-    tok = tokenizer_match.run_tokenizer(run.cfg)
+    tok = tokenizer_match.run_tokenizer(run.cfg, run.resumed_from)
     run.raw_model.eval()
     with fsdp.gathered(run.raw_model, run.cfg.train.reshard_after_forward):  # fsdp: whole weights on each rank
         outs = generate_ids(
@@ -498,7 +516,8 @@ def _hellaswag(run: Run) -> float:
     if run.hellaswag_examples is None:
         run.hellaswag_examples = hellaswag.load_examples(hellaswag.locate(), run.cfg.eval.hellaswag_limit or None)
     result = hellaswag.evaluate_hellaswag(
-        run.raw_model, tokenizer_match.run_tokenizer(run.cfg), run.hellaswag_examples, run.info.device,
+        run.raw_model, tokenizer_match.run_tokenizer(run.cfg, run.resumed_from), run.hellaswag_examples,
+        run.info.device,
         batch_size=max(1, run.cfg.train.micro_batch // 4), rank=run.info.rank, world_size=run.info.world_size,
     )  # fmt: skip
     run.raw_model.train()
@@ -592,8 +611,11 @@ def loop(run: Run, stop: StopSignals) -> Path | None:
                 if peak:
                     record["mfu"] = flops_per_token * tps / (peak * ws)
                 record |= run.raw_model.moe_stats()  # MoE: max/mean expert load and each block's expert shares
+                record |= run.loader.stats() if hasattr(run.loader, "stats") else {}  # RL: reward, lengths, ...
                 log.log(step, **record)
                 mfu = f" | MFU {record['mfu']:6.1%}" if peak else ""
+                mfu += f" | reward {record['reward']:.3f}" if "reward" in record else ""
+                mfu += f" | held-out {record['eval_reward']:.3f}" if "eval_reward" in record else ""
                 mfu += f" | skipped {run.skipped_steps}" if run.skipped_steps else ""
                 mfu += f" | moe max/mean {record['moe_load_max_over_mean']:.2f}" if "moe_load" in record else ""
                 _print0(
@@ -671,7 +693,7 @@ def train(cfg: RunConfig, run_dir: str | Path, resume: bool = False) -> Path | N
         if info.is_main:
             run_dir.mkdir(parents=True, exist_ok=True)
             (run_dir / "config.toml").write_text(cfg.to_toml())
-            tokenizer_match.copy_into_run(cfg, run_dir)  # a trained tokenizer travels with the run
+            tokenizer_match.copy_into_run(cfg, run_dir, latest if resume else None)  # the tokenizer travels along
             n = run.raw_model.num_params()
             _print0(
                 info,

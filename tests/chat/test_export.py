@@ -27,6 +27,11 @@ CONVERSATIONS = [
         {"role": "user", "content": "and <| reversed |>?"},
     ],
     [{"role": "user", "content": ""}, {"role": "assistant", "content": "?"}, {"role": "user", "content": "x"}],
+    [  # a thinking span (issue 14): reasoning_content rendered as <think>...</think> before the answer
+        {"role": "user", "content": "What is 17+25?"},
+        {"role": "assistant", "reasoning_content": "7+5=12, carry 1; 1+2+1=4", "content": "42"},
+        {"role": "user", "content": "And 1+1?"},
+    ],
 ]
 
 

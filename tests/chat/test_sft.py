@@ -88,6 +88,8 @@ def test_sft_teaches_a_tiny_model_to_answer_held_out_prompts(tmp_path):
         (["--model", "BASE", "--data", "x.jsonl:-1"], "weight of x.jsonl must be > 0"),
         (["--model", "BASE", "--data", "missing.jsonl", "--set", "train.max_steps=1"], "missing.jsonl: SFT data file"),
         (["CONFIG", "--model", "BASE", "--data", "x.jsonl"], "an SFT run takes its [model]"),
+        (["--model", "BASE", "--data", "x.jsonl", "--set", "sft.packing=stack"], "sft.packing must be one of mask,"),
+        (["--model", "BASE", "--data", "x.jsonl", "--set", "perf.attn_backend=flash"], "attn_backend = flash does"),
     ],
 )
 def test_bad_sft_settings_are_one_clear_error_before_any_work(tmp_path, capsys, argv, message):
@@ -136,7 +138,7 @@ def test_ddp_sft_matches_one_process_accumulating_the_same_rows(tmp_path):
         assert_close_f32(w2[name], w, msg=name)
 
 
-def test_an_sft_run_resumes_exactly_with_gpt2lab_train_resume(tmp_path):
+def test_an_sft_run_resumes_exactly_with_gpt2lab_train_resume_without_its_base_model(tmp_path):
     import shutil
 
     from gpt2lab import checkpoint as ckpt
@@ -152,7 +154,37 @@ def test_an_sft_run_resumes_exactly_with_gpt2lab_train_resume(tmp_path):
     assert main([*args, "--set", "log.tensorboard=false", "--set", "eval.val_every=0"]) == 0
     shutil.copytree(tmp_path / "a", tmp_path / "b")
     shutil.rmtree(tmp_path / "b" / "checkpoints" / "step_0000004")
+    shutil.rmtree(tmp_path / "base")  # the run's checkpoint holds every weight: a resume never reads the base
     assert main(["train", "--resume", str(tmp_path / "b")]) == 0
     last = [p / "checkpoints" / "step_0000004" / ckpt.WEIGHTS_NAME for p in (tmp_path / "a", tmp_path / "b")]
     w_a, w_b = map(ckpt.load_state_dict, last)
     assert all(torch.equal(w_a[k], w_b[k]) for k in w_a)
+
+
+def test_an_sft_run_on_a_trained_tokenizer_resumes_without_its_base_or_tokenizer_folder(tmp_path):
+    """The run's checkpoint records its tokenizer and the run folder holds a copy: neither base nor tok/ is read."""
+    import shutil
+
+    from gpt2lab import checkpoint as ckpt
+    from gpt2lab.bpe import BpeConfig, documents, train_bpe
+    from gpt2lab.tokenizer import TrainedTokenizer
+    from tests.chat.test_trained_tokenizer import _base
+
+    train_bpe(documents(["shakespeare"], held_out=False), BpeConfig(512, "gpt4", max_chars=20_000), tmp_path / "tok")
+    base = _base(tmp_path / "base", 512, TrainedTokenizer(tmp_path / "tok"))
+    records = [{"messages": [{"role": "user", "content": f"my lord {i}?"}, {"role": "assistant", "content": "good"}]}
+               for i in range(20)]  # fmt: skip
+    (tmp_path / "d.jsonl").write_text("\n".join(map(json.dumps, records)))
+    args = ["sft", "--model", str(base), "--data", str(tmp_path / "d.jsonl"), "--run-dir", str(tmp_path / "a")]
+    for s in "train.max_steps=4 train.micro_batch=2 train.save_every=2 train.keep_checkpoints=0 sft.lr=1e-2".split():
+        args += ["--set", s]
+    assert main([*args, "--set", "log.tensorboard=false", "--set", "eval.val_every=2"]) == 0
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    shutil.rmtree(tmp_path / "b" / "checkpoints" / "step_0000004")
+    shutil.rmtree(tmp_path / "base"), shutil.rmtree(tmp_path / "tok")
+    assert main(["train", "--resume", str(tmp_path / "b")]) == 0
+    last = [p / "checkpoints" / "step_0000004" for p in (tmp_path / "a", tmp_path / "b")]
+    w_a, w_b = (ckpt.load_state_dict(p / ckpt.WEIGHTS_NAME) for p in last)
+    assert all(torch.equal(w_a[k], w_b[k]) for k in w_a)
+    records = [ckpt.read_json(p / ckpt.CONFIG_NAME)[ckpt.TRAIN_STATE_KEY]["tokenizer"] for p in last]
+    assert records[0] == records[1] and records[0]["vocab_size"] == 512  # the resumed run records the same one

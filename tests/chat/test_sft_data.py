@@ -86,7 +86,7 @@ def test_packing_masks_targets_outside_the_answers(tok):
     convs = [[{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"answer {i}"}] for i in range(9)]
     packed = pack(convs, tok, block_size=31)
     assert packed.conversations == 9 and packed.tokens.shape[1] == 32
-    x, y = SFTLoader(packed, batch_size=len(packed.tokens), shuffle=False).next_batch()
+    x, y, _ = SFTLoader(packed, batch_size=len(packed.tokens), shuffle=False).next_batch()
     assert x.shape == y.shape == (len(packed.tokens), 31)
     trained = [int(t) for t in y.flatten() if t != -1]
     expected = [i for c in convs for i, m in zip(*render(c, tok)) if m]
@@ -109,8 +109,8 @@ def test_a_set_of_mostly_overlong_conversations_neither_clogs_nor_nans(tok):
     model = GPT(GPTConfig(block_size=32, vocab_size=50269, padded_vocab_size=50304, n_layer=1, n_head=2, n_embd=16))
     loader = SFTLoader(dropped, batch_size=2)
     for _ in range(3):
-        x, y = loader.next_batch()
-        _, loss = model(x, y)
+        x, y, docs = loader.next_batch()
+        _, loss = model(x, y, doc_ids=docs)
         assert math.isfinite(loss.item())
     with pytest.raises(Gpt2LabError, match="no conversation fits"):
         SFTLoader(pack(long, tok, block_size=32, overlong="drop"), batch_size=2)

@@ -69,6 +69,22 @@ def test_rendering_and_mask(tok):
 U, A, S = "user", "assistant", "system"
 
 
+def test_a_thinking_span_is_rendered_trained_and_split_back(tok):
+    from gpt2lab.chat.template import split_reply
+
+    s = tok.special_id
+    conv = [{"role": U, "content": "2+2?"}, {"role": A, "reasoning_content": "two and two", "content": "4"}]
+    ids, mask = render(conv, tok)
+    reply = [s("<think>"), *tok.encode("two and two"), s("</think>"), *tok.encode("4"), s("<|assistant_end|>")]
+    assert ids == render_prompt(conv[:1], tok) + reply
+    assert [i for i, m in zip(ids, mask) if m] == reply  # the reasoning is trained like the answer
+    assert split_reply(reply, tok) == ("two and two", "4")
+    assert split_reply(tok.encode("4"), tok) == (None, "4")
+    assert split_reply([s("<think>"), *tok.encode("never closed")], tok) == ("never closed", "")
+    with pytest.raises(Gpt2LabError, match="message 0: reasoning_content"):
+        render([{"role": U, "content": "a", "reasoning_content": "b"}], tok)
+
+
 @pytest.mark.parametrize(
     "conv, generation, match",
     [

@@ -106,13 +106,13 @@ def load_base_weights(model: GPT, spec: str) -> None:
 
 
 def is_chat_model(spec: str) -> bool:
-    """True for a model fine-tuned by ``gpt2lab sft`` (its run config has [sft] data) or exported with the chat
-    template; False for a base model."""
+    """True for a model fine-tuned by ``gpt2lab sft`` (its run config has [sft] data) or trained further by
+    ``gpt2lab rl`` ([rl] task), or exported with the chat template; False for a base model."""
     from gpt2lab.loading import resolve
 
     kind, folder = resolve(spec)
     if kind == "checkpoint":
-        state = read_json(Path(folder) / CONFIG_NAME).get(TRAIN_STATE_KEY) or {}
-        return bool(((state.get("config") or {}).get("sft") or {}).get("data"))
+        config = (read_json(Path(folder) / CONFIG_NAME).get(TRAIN_STATE_KEY) or {}).get("config") or {}
+        return bool((config.get("sft") or {}).get("data") or (config.get("rl") or {}).get("task"))
     tok_config = Path(folder) / "tokenizer_config.json"
     return tok_config.is_file() and "<|assistant_start|>" in str(read_json(tok_config).get("chat_template", ""))

@@ -38,6 +38,8 @@ def sft_config(args: argparse.Namespace) -> Config:
         sft["model"] = args.model
     if args.data:
         sft["data"] = ",".join(args.data)
+    if getattr(args, "thinking", False):
+        sft["thinking"] = True
     model_spec, data = sets.get("sft.model", sft.get("model")), sets.get("sft.data", sft.get("data"))
     if not model_spec or not data:
         raise Gpt2LabError("gpt2lab sft needs --model (the model to fine-tune) and --data (conversations)")

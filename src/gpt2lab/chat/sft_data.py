@@ -8,14 +8,20 @@ Readers (the layout is recognised per record, the file may be a JSON array or JS
 - ``{"question", "answer"}``: GSM8K (the worked answer, ``#### N`` line included).
 Every content has ``{{name}}`` and ``{{author}}`` filled from [sft] (the identity set's placeholders).
 
-Packing (departs from nanochat's SFT, which pads each conversation to its own row): rendered conversations
-(``gpt2lab.chat.template``) are laid one after another into rows of ``block_size + 1`` tokens, a new row when
-the next one does not fit, the rest of a row padded with target -1. Each conversation starts with
-<|endoftext|>, and attention crosses from one conversation into the previous ones in its row, as it crosses
-documents in pretraining: the model has no document mask. Targets are -1 outside the mask (prompts, padding),
-so only assistant tokens are trained. A conversation longer than a row is cut to it (``overlong =
-"truncate"``, kept only if a trained token survives) or left out (``"drop"``); both are counted, so a set of
-over-long conversations is a clear error, never a run of all-padding rows.
+Packing (``sft.packing``): rendered conversations (``gpt2lab.chat.template``) become rows of ``block_size + 1``
+tokens, the rest of a row padded with target -1. Targets are -1 outside the mask (prompts, padding), so only
+assistant tokens are trained. Three ways:
+- ``mask`` (default): laid one after another, a new row when the next one does not fit, and each batch carries
+  the conversations' ids (B, T), from which the model builds a block-diagonal causal mask and restarts the
+  positions at each conversation (``gpt2lab.model.document_mask``): every conversation is computed exactly as
+  alone, as the chat sees it (position 0 onwards, nothing before it), at packing's density;
+- ``pad``: one conversation per row (nanochat's SFT): never any crossing, the cost is the padding;
+- ``cross``: packed as ``mask`` but no mask: attention looks back into the earlier conversations of the row,
+  as across documents in pretraining (absolute positions in the row). Kept for comparison (BENCHMARKS.md).
+
+A conversation longer than a row is cut to it (``overlong = "truncate"``, kept only if a trained token survives)
+or left out (``"drop"``); both are counted, so a set of over-long conversations is a clear error, never a run of
+all-padding rows.
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ from gpt2lab.chat.template import render
 from gpt2lab.errors import Gpt2LabError
 
 OVERLONG = ("truncate", "drop")
+PACKINGS = ("mask", "pad", "cross")
 
 
 @dataclass
@@ -41,6 +48,9 @@ class SFTConfig:
     data: str = ""  # conversation files, comma-separated, each PATH or PATH:WEIGHT (weight 2 = each twice per epoch)
     val_fraction: float = 0.05  # share of each file held out for the val loss (at least one conversation)
     overlong: str = "truncate"  # a conversation longer than the context: truncate (cut to it) or drop
+    packing: str = "mask"  # mask (packed, attention within each conversation), pad (one per row), cross (packed)
+    thinking: bool = False  # GSM8K: the worked solution as the reply's thinking span, the number as its answer
+    calculator: str = "strip"  # GSM8K's <<48/2=24>> annotations: strip or keep
     name: str = "gpt2lab"  # fills {{name}} in the data (the identity set)
     author: str = "the gpt2lab authors"  # fills {{author}}
     # The schedule replaces [optim]'s in an SFT run: 2e-5, cosine to 0 after 3% warmup, no weight decay, as in
@@ -57,8 +67,12 @@ class SFTConfig:
             problems.append("sft.model is empty: name the model to fine-tune (gpt2lab sft --model ...)")
         if not 0 <= self.val_fraction < 1:
             problems.append(f"sft.val_fraction must be in [0, 1) (got {self.val_fraction})")
+        if self.calculator not in ("strip", "keep"):
+            problems.append(f"sft.calculator must be strip or keep (got {self.calculator!r})")
         if self.overlong not in OVERLONG:
             problems.append(f"sft.overlong must be truncate or drop (got {self.overlong!r})")
+        if self.packing not in PACKINGS:
+            problems.append(f"sft.packing must be one of {', '.join(PACKINGS)} (got {self.packing!r})")
         if self.lr <= 0 or not 0 <= self.warmup_fraction <= 1 or not 0 <= self.min_lr_ratio <= 1:
             problems.append("sft.lr must be > 0, sft.warmup_fraction and sft.min_lr_ratio in [0, 1]")
         if self.weight_decay < 0:
@@ -68,6 +82,16 @@ class SFTConfig:
         except Gpt2LabError as e:
             problems.append(str(e))
         return problems
+
+
+def packing_problems(sft: SFTConfig, perf) -> list[str]:
+    """sft.packing = mask with a forced attention kernel that takes no mask (flash; cuDNN's is not relied on)."""
+    if sft.data and sft.packing == "mask" and perf.attn_backend in ("flash", "cudnn"):
+        return [
+            f"sft.packing = mask needs an attention kernel that takes a mask, and perf.attn_backend = "
+            f"{perf.attn_backend} does not: use auto, efficient or math, or sft.packing = pad"
+        ]
+    return []
 
 
 def parse_data(spec: str) -> list[tuple[str, float]]:
@@ -97,12 +121,16 @@ def _fill(text: object, fill: dict[str, str]) -> object:
     return text
 
 
-def _messages(record: object, where: str) -> list[dict]:
-    """One record of any known layout as OpenAI messages."""
+def _messages(record: object, where: str, thinking: bool = False, calculator: str = "strip") -> list[dict]:
+    """One record of any known layout as OpenAI messages (an assistant's reasoning_content kept)."""
     if not isinstance(record, dict):
         raise Gpt2LabError(f"{where}: a record must be a JSON object")
     if "messages" in record:
-        return [{"role": m.get("role"), "content": m.get("content")} for m in record["messages"]]
+        return [
+            {"role": m.get("role"), "content": m.get("content")}
+            | ({"reasoning_content": m["reasoning_content"]} if "reasoning_content" in m else {})
+            for m in record["messages"]
+        ]
     if "conversations" in record:
         roles = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
         turns = record["conversations"]
@@ -115,8 +143,10 @@ def _messages(record: object, where: str) -> list[dict]:
         prompt = f"{record['instruction']}\n\n{extra}" if extra else record["instruction"]
         answer = record["output"] if "output" in record else record.get("response")
         return [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]
-    if "question" in record and "answer" in record:
-        return [{"role": "user", "content": record["question"]}, {"role": "assistant", "content": record["answer"]}]
+    if "question" in record and "answer" in record:  # GSM8K: with thinking, the solution is the reasoning
+        from gpt2lab.rl.tasks import gsm8k_messages
+
+        return gsm8k_messages(record, thinking=thinking, calculator=calculator)
     keys = ", ".join(sorted(record)[:6])
     raise Gpt2LabError(
         f"{where}: unknown record layout (keys {keys}); expected messages, conversations (ShareGPT), "
@@ -124,9 +154,14 @@ def _messages(record: object, where: str) -> list[dict]:
     )
 
 
-def read_conversations(path: str | Path, fill: dict[str, str] | None = None) -> list[list[dict]]:
-    """Every conversation of a JSON array or JSON-lines file, as messages, placeholders filled."""
+def read_conversations(
+    path: str | Path, fill: dict[str, str] | None = None, thinking: bool = False, calculator: str = "strip"
+) -> list[list[dict]]:
+    """Every conversation of a JSON array or JSON-lines file (a folder: its train.jsonl), as messages,
+    placeholders filled; thinking and calculator: how GSM8K records map (gsm8k_messages)."""
     path = Path(path)
+    if path.is_dir() and (path / "train.jsonl").is_file():  # e.g. the mirror's gsm8k/ with train and test
+        path = path / "train.jsonl"
     if not path.is_file():
         raise Gpt2LabError(f"{path}: SFT data file not found")
     text = path.read_text(encoding="utf-8")
@@ -141,8 +176,8 @@ def read_conversations(path: str | Path, fill: dict[str, str] | None = None) -> 
     fill = fill or {}
     out = []
     for where, record in records:
-        messages = _messages(record, where)
-        out.append([{"role": m["role"], "content": _fill(m["content"], fill)} for m in messages])
+        messages = _messages(record, where, thinking, calculator)
+        out.append([{k: _fill(v, fill) if k != "role" else v for k, v in m.items()} for m in messages])
     if not out:
         raise Gpt2LabError(f"{path}: no conversations")
     return out
@@ -153,7 +188,7 @@ def mixture(cfg: SFTConfig, seed: int) -> tuple[list[list[dict]], list[list[dict
     fill = {"name": cfg.name, "author": cfg.author}
     train, val = [], []
     for k, (path, weight) in enumerate(parse_data(cfg.data)):
-        convs = read_conversations(path, fill)
+        convs = read_conversations(path, fill, cfg.thinking, cfg.calculator)
         rng = np.random.default_rng([seed, k])
         order = rng.permutation(len(convs))
         n_val = max(1, round(cfg.val_fraction * len(convs))) if cfg.val_fraction > 0 and len(convs) > 1 else 0
@@ -173,6 +208,7 @@ class Packed:
 
     tokens: np.ndarray  # (N, T+1) int32
     trained: np.ndarray  # (N, T+1) bool: token i is a target (of position i-1)
+    docs: np.ndarray | None = None  # (N, T+1) int32: each token's conversation in its row (packing "mask")
     conversations: int = 0
     truncated: int = 0
     dropped: int = 0
@@ -185,10 +221,13 @@ class Packed:
         )
 
 
-def pack(conversations: list[list[dict]], tokenizer, block_size: int, overlong: str = "truncate") -> Packed:
-    """Lay rendered conversations into rows of block_size + 1 tokens, in order (a new row when one does not fit)."""
+def pack(
+    conversations: list[list[dict]], tokenizer, block_size: int, overlong: str = "truncate", packing: str = "mask"
+) -> Packed:
+    """Lay rendered conversations into rows of block_size + 1 tokens, in order (a new row when one does not fit;
+    packing "pad": a row each). "mask" also numbers each token's conversation (padding: one more number)."""
     cap = block_size + 1
-    rows_t, rows_m, row_t, row_m = [], [], [], []
+    rows_t, rows_m, rows_d, row_t, row_m, row_d = [], [], [], [], [], []
     kept = truncated = dropped = 0
     for conv in conversations:
         ids, mask = render(conv, tokenizer)
@@ -197,21 +236,27 @@ def pack(conversations: list[list[dict]], tokenizer, block_size: int, overlong: 
                 dropped += 1
                 continue
             ids, mask, truncated = ids[:cap], mask[:cap], truncated + 1
-        if len(row_t) + len(ids) > cap:
-            rows_t.append(row_t), rows_m.append(row_m)
-            row_t, row_m = [], []
-        row_t, row_m, kept = row_t + ids, row_m + mask, kept + 1
+        if row_t and (packing == "pad" or len(row_t) + len(ids) > cap):
+            rows_t.append(row_t), rows_m.append(row_m), rows_d.append(row_d)
+            row_t, row_m, row_d = [], [], []
+        doc = row_d[-1] + 1 if row_d else 0
+        row_t, row_m, row_d, kept = row_t + ids, row_m + mask, row_d + [doc] * len(ids), kept + 1
     if row_t:
-        rows_t.append(row_t), rows_m.append(row_m)
+        rows_t.append(row_t), rows_m.append(row_m), rows_d.append(row_d)
     tokens = np.full((len(rows_t), cap), tokenizer.eot, dtype=np.int32)
     trained = np.zeros((len(rows_t), cap), dtype=bool)
-    for i, (t, m) in enumerate(zip(rows_t, rows_m)):
+    docs = np.zeros((len(rows_t), cap), dtype=np.int32)
+    for i, (t, m, d) in enumerate(zip(rows_t, rows_m, rows_d)):
         tokens[i, : len(t)], trained[i, : len(m)] = t, m
-    return Packed(tokens, trained, kept, truncated, dropped)
+        docs[i, : len(d)], docs[i, len(d) :] = d, d[-1] + 1  # the padding: a document of its own
+    return Packed(tokens, trained, docs if packing == "mask" else None, kept, truncated, dropped)
 
 
 class SFTLoader:
     """(x, y) batches of packed rows, y = -1 where nothing is trained; shuffled per epoch, DDP-sliced, resumable.
+
+    Rows packed with a document mask (``packed.docs``) come as (x, y, doc_ids), doc_ids (B, T) each x token's
+    conversation: the training loop passes them to the model (``GPT.forward(..., doc_ids=)``).
 
     The same interface as ``ShardLoader`` plus ``masked_targets``, which tells the training loop to average the
     loss over the trained tokens of the whole global batch. A global batch takes B * world_size rows (rank r
@@ -246,15 +291,26 @@ class SFTLoader:
         trained = torch.from_numpy(self.packed.trained[rows])
         x = tokens[:, :-1]
         y = torch.where(trained[:, 1:], tokens[:, 1:], -1)  # (B, T): -1 is ignored by the loss
-        return x.to(self.device), y.to(self.device)
+        if self.packed.docs is None:
+            return x.to(self.device), y.to(self.device)
+        docs = torch.from_numpy(self.packed.docs[rows, :-1].astype(np.int64))  # (B, T): x's conversations
+        return x.to(self.device), y.to(self.device), docs.to(self.device)
 
     def reset(self) -> None:
         self.epoch, self.batch = 0, 0
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "batch": self.batch, "rows": len(self.packed.tokens), "seed": self.seed}
+        masked = self.packed.docs is not None
+        return {"epoch": self.epoch, "batch": self.batch, "rows": len(self.packed.tokens), "seed": self.seed,
+                "doc_mask": masked}  # fmt: skip
 
     def load_state_dict(self, state: dict) -> None:
+        saved = "mask" if state.get("doc_mask") else "cross or pad"  # saved before sft.packing existed: cross
+        if (saved == "mask") != (self.packed.docs is not None):
+            raise Gpt2LabError(
+                f"cannot resume the SFT loader: the run was packed with sft.packing = {saved}; resume with "
+                f"--set sft.packing={saved.split()[0]} (an exact resume needs the same data and config)"
+            )
         if state.get("rows") != len(self.packed.tokens) or state.get("seed") != self.seed:
             raise Gpt2LabError(
                 f"cannot resume the SFT loader: the data packs into {len(self.packed.tokens)} rows now, "
@@ -263,20 +319,25 @@ class SFTLoader:
         self.epoch, self.batch = int(state["epoch"]), int(state["batch"])
 
 
-def sft_loaders(cfg, batch_size: int, rank: int, world_size: int, device) -> tuple[SFTLoader, SFTLoader | None]:
-    """The train and val loaders of an SFT run (cfg: the run's Config, with [sft]); packing counts printed once."""
+def sft_loaders(
+    cfg, batch_size: int, rank: int, world_size: int, device, resume_from: Path | None = None
+) -> tuple[SFTLoader, SFTLoader | None]:
+    """The train and val loaders of an SFT run (cfg: the run's Config, with [sft]); packing counts printed once.
+
+    resume_from: the checkpoint a resumed run continues from, which holds its tokenizer (the base may be gone).
+    """
     from gpt2lab.tokenizer_match import run_tokenizer
 
-    tokenizer = run_tokenizer(cfg)  # the fine-tuned model's: GPT-2's or a trained one (gpt2lab tokenizer train)
+    tokenizer = run_tokenizer(cfg, resume_from)  # the fine-tuned model's: GPT-2's or a trained one
     train, val = mixture(cfg.sft, cfg.train.seed)
     kw = dict(rank=rank, world_size=world_size, seed=cfg.train.seed, device=device)
-    packed = pack(train, tokenizer, cfg.model.block_size, cfg.sft.overlong)
+    packed = pack(train, tokenizer, cfg.model.block_size, cfg.sft.overlong, cfg.sft.packing)
     if rank == 0:
         print(f"sft train: {packed.summary()}", flush=True)
     loader = SFTLoader(packed, batch_size, **kw)
     val_loader = None
     if val and cfg.eval.val_every > 0:
-        packed_val = pack(val, tokenizer, cfg.model.block_size, cfg.sft.overlong)
+        packed_val = pack(val, tokenizer, cfg.model.block_size, cfg.sft.overlong, cfg.sft.packing)
         if rank == 0:
             print(f"sft val: {packed_val.summary()}", flush=True)
         if len(packed_val.tokens):

@@ -6,27 +6,38 @@ user and assistant messages. It is rendered as
     <|endoftext|> [<|system_start|> text <|system_end|>] <|user_start|> text <|user_end|>
     <|assistant_start|> text <|assistant_end|> ...
 
-<|endoftext|> opens the conversation as it opened every document GPT-2 saw. Contents are encoded as plain
-text (``encode_ordinary``), so a message holding the string ``<|user_start|>`` or ``<|endoftext|>`` stays text
-and can never forge a role. The mask is 1 on the tokens SFT trains: each assistant message's content and its
-<|assistant_end|> (the model learns to stop), never the prompt or the <|assistant_start|> it is given.
-SFT, ``gpt2lab chat`` and the exported Jinja template (``CHAT_TEMPLATE``, tested equal) all use this format.
+An assistant message may carry its reasoning (``reasoning_content``, the field OpenAI-compatible servers use):
+it is rendered inside the turn, before the answer, as ``<think> reasoning </think> answer``, and trained like
+the answer. <|endoftext|> opens the conversation as it opened every document GPT-2 saw. Contents are encoded
+as plain text (``encode_ordinary``), so a message holding the string ``<|user_start|>`` or ``<|endoftext|>``
+stays text and can never forge a role. The mask is 1 on the tokens SFT trains: each assistant message's
+content and its <|assistant_end|> (the model learns to stop), never the prompt or the <|assistant_start|> it
+is given. SFT, ``gpt2lab chat`` and the exported Jinja template (``CHAT_TEMPLATE``, tested equal) all use this
+format.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from gpt2lab.errors import Gpt2LabError
-from gpt2lab.tokenizer import EOT_TOKEN
+from gpt2lab.tokenizer import EOT_TOKEN, SPECIAL_TOKENS
 
 ROLES = ("system", "user", "assistant")
+# A base model (never fine-tuned on the special tokens) is spoken to in a plain transcript instead,
+# "User: ...\nAssistant: ...", and goes on to write the next turn itself: its reply ends at PLAIN_STOP.
+PLAIN_ROLES = {"system": "System", "user": "User", "assistant": "Assistant"}
+PLAIN_STOP = "\nUser:"
 
 # The same rendering for transformers' apply_chat_template (written into an exported tokenizer_config.json).
 CHAT_TEMPLATE = (
     "{{ '" + EOT_TOKEN + "' }}"
     "{% for message in messages %}"
-    "{{ '<|' + message['role'] + '_start|>' + message['content'] + '<|' + message['role'] + '_end|>' }}"
+    "{{ '<|' + message['role'] + '_start|>' }}"
+    "{% if message['role'] == 'assistant' and message.get('reasoning_content') is not none %}"
+    "{{ '<think>' + message['reasoning_content'] + '</think>' }}"
+    "{% endif %}"
+    "{{ message['content'] + '<|' + message['role'] + '_end|>' }}"
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|assistant_start|>' }}{% endif %}"
 )
@@ -43,6 +54,10 @@ def check_conversation(messages: Sequence[dict], generation: bool = False) -> No
             raise Gpt2LabError(f"message {i}: unknown role {m['role']!r} (expected one of {', '.join(ROLES)})")
         if not isinstance(m["content"], str):
             raise Gpt2LabError(f"message {i}: content must be a string (got {type(m['content']).__name__})")
+        if m.get("reasoning_content") is not None and (
+            m["role"] != "assistant" or not isinstance(m["reasoning_content"], str)
+        ):
+            raise Gpt2LabError(f"message {i}: reasoning_content must be a string, on an assistant message")
         if m["role"] == "system" and i > 0:
             why = "a second system message" if messages[0]["role"] == "system" else "the system message must be first"
             raise Gpt2LabError(f"message {i}: {why}")
@@ -63,6 +78,9 @@ def render(messages: Sequence[dict], tokenizer, generation: bool = False) -> tup
     for m in messages:
         role = m["role"]
         body = tokenizer.encode_ordinary(m["content"]) + [tokenizer.special_id(f"<|{role}_end|>")]
+        if m.get("reasoning_content") is not None:
+            think = tokenizer.encode_ordinary(m["reasoning_content"])
+            body = [tokenizer.special_id("<think>"), *think, tokenizer.special_id("</think>"), *body]
         ids += [tokenizer.special_id(f"<|{role}_start|>")] + body
         mask += [0] + [int(role == "assistant")] * len(body)
     if generation:
@@ -76,7 +94,38 @@ def render_prompt(messages: Sequence[dict], tokenizer) -> list[int]:
     return render(messages, tokenizer, generation=True)[0]
 
 
-def fit_history(messages: list[dict], tokenizer, budget: int) -> tuple[list[dict], int]:
+def split_reply(ids: Sequence[int], tokenizer) -> tuple[str | None, str]:
+    """(reasoning or None, answer) of a generated reply's ids: the text inside <think>...</think>, and the rest.
+
+    The reply ends at <|assistant_end|> (or wherever the ids end); a thinking span never closed is all
+    reasoning and no answer. Other special tokens are dropped from the text.
+    """
+    think, end_think = tokenizer.special_id("<think>"), tokenizer.special_id("</think>")
+    end = tokenizer.special_id("<|assistant_end|>")
+    ids = list(ids)
+    ids = ids[: ids.index(end)] if end in ids else ids
+    if think not in ids:
+        return None, _text(ids, tokenizer)
+    start = ids.index(think)
+    stop = ids.index(end_think, start) if end_think in ids[start:] else len(ids)
+    return _text(ids[start + 1 : stop], tokenizer), _text(ids[:start] + ids[stop + 1 :], tokenizer)
+
+
+def _text(ids: list[int], tokenizer) -> str:
+    special = {tokenizer.eot, *(tokenizer.special_id(t) for t in SPECIAL_TOKENS)}
+    return tokenizer.decode([i for i in ids if i not in special])
+
+
+def render_plain_prompt(messages: Sequence[dict], tokenizer) -> list[int]:
+    """A base model's prompt: the conversation as a "User:/Assistant:" transcript, ending "Assistant:"."""
+    check_conversation(messages, generation=True)
+    text = "".join(f"{PLAIN_ROLES[m['role']]}: {m['content']}\n" for m in messages) + "Assistant:"
+    return [tokenizer.eot] + tokenizer.encode_ordinary(text)
+
+
+def fit_history(
+    messages: list[dict], tokenizer, budget: int, render: Callable = render_prompt
+) -> tuple[list[dict], int]:
     """(messages whose prompt fits ``budget`` tokens, how many were dropped): oldest turns first, system kept.
 
     A turn is dropped whole (a user message and the replies after it), so the history stays a conversation;
@@ -84,7 +133,7 @@ def fit_history(messages: list[dict], tokenizer, budget: int) -> tuple[list[dict
     """
     system = messages[:1] if messages and messages[0]["role"] == "system" else []
     rest, dropped = list(messages[len(system) :]), 0
-    while len(render_prompt(system + rest, tokenizer)) > budget:
+    while len(render(system + rest, tokenizer)) > budget:
         starts = [i for i, m in enumerate(rest) if m["role"] == "user" and i > 0]
         if not starts:
             raise Gpt2LabError(

@@ -18,12 +18,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TextIO
 
-from gpt2lab.chat.template import check_conversation, fit_history, render_prompt
+from gpt2lab.chat.template import PLAIN_STOP, fit_history, render_plain_prompt, render_prompt
 from gpt2lab.errors import Gpt2LabError
 from gpt2lab.generate import TextStream, check_sampling_args, generate
 
 HELP = "commands: /reset (new conversation), /system TEXT, /temp X, /quit; Ctrl-C stops a reply"
-PLAIN_ROLES = {"system": "System", "user": "User", "assistant": "Assistant"}
 
 
 @dataclass
@@ -55,30 +54,22 @@ class Chat:
         self.messages = [{"role": "system", "content": self.system}] if self.system else []
 
     def prompt_ids(self, messages: list[dict]) -> list[int]:
-        if self.chat_model:
-            return render_prompt(messages, self.tokenizer)
-        check_conversation(messages, generation=True)
-        text = "".join(f"{PLAIN_ROLES[m['role']]}: {m['content']}\n" for m in messages) + "Assistant:"
-        return [self.tokenizer.eot] + self.tokenizer.encode_ordinary(text)
+        return (render_prompt if self.chat_model else render_plain_prompt)(messages, self.tokenizer)
 
     def fit(self) -> int:
         """Drop the oldest turns until the prompt leaves room for a reply; return how many messages went."""
         block = self.model.config.block_size
         budget = block - min(self.sampling.max_new_tokens, block // 2)
-        if self.chat_model:
-            self.messages, dropped = fit_history(self.messages, self.tokenizer, budget)
-            return dropped
-        dropped = 0
-        while len(self.prompt_ids(self.messages)) > budget:
-            first = 1 if self.messages[0]["role"] == "system" else 0
-            if len(self.messages) - first <= 1:
-                raise Gpt2LabError(f"the last message alone does not fit the model's context ({budget} tokens)")
-            self.messages.pop(first)
-            dropped += 1
+        render = render_prompt if self.chat_model else render_plain_prompt
+        self.messages, dropped = fit_history(self.messages, self.tokenizer, budget, render)
         return dropped
 
     def reply_tokens(self) -> Iterator[int]:
-        """The reply's token ids as they are sampled, up to (not including) the end of the turn."""
+        """The reply's token ids as they are sampled, up to (not including) the end of the turn.
+
+        A chat model's <think> and </think> are yielded (they open and close its reasoning); any other
+        special token ends the reply.
+        """
         ids = self.prompt_ids(self.messages)
         s = self.sampling
         room = self.model.config.block_size - len(ids)  # never slide the window: the system message would go
@@ -87,29 +78,48 @@ class Chat:
             self.model, ids, max_new_tokens=min(s.max_new_tokens, room), temperature=s.temperature, top_k=s.top_k,
             top_p=s.top_p, seed=s.seed, eos_id=end,
         )  # fmt: skip
+        think = self.think_ids()
         for step in steps:
             token = step[0]
-            if token is None or token >= self.tokenizer.eot:  # the turn's end, or any other special token
+            if token is None or (token >= self.tokenizer.eot and token not in think):  # the turn's end, or special
                 return
             yield token
 
+    def think_ids(self) -> tuple[int, ...]:
+        if not self.chat_model:
+            return ()
+        return self.tokenizer.special_id("<think>"), self.tokenizer.special_id("</think>")
+
     def say(self, text: str, out: TextIO) -> str:
-        """Add a user message, stream the reply to out, keep it in the history; return it."""
+        """Add a user message, stream the reply to out, keep its answer in the history; return the answer.
+
+        Reasoning (between <think> and </think>) is shown dimmed on a terminal, between the tags in a pipe,
+        and left out of the history, as chat models with a thinking stage are served.
+        """
         self.messages.append({"role": "user", "content": text})
         dropped = self.fit()
         if dropped:
             block = self.model.config.block_size
             notice(f"the conversation outgrew the context ({block} tokens): dropped the {dropped} oldest messages")
-        stream = TextStream(self.tokenizer, eos_id=None)
-        stop_at = "\nUser:" if not self.chat_model else None  # a base model goes on to write the next turn
+        stream, thought = TextStream(self.tokenizer, eos_id=None), TextStream(self.tokenizer, eos_id=None)
+        think = self.think_ids()
+        style = ("\033[2m", "\033[0m") if out.isatty() else ("<think>", "</think>")
+        thinking = False
+        stop_at = PLAIN_STOP if not self.chat_model else None  # a base model goes on to write the next turn
         try:
             for token in self.reply_tokens():
-                out.write(stream.push(token))
+                if token in think:
+                    thinking = token == think[0]
+                    out.write(style[0] if thinking else thought.flush() + style[1])
+                else:
+                    out.write((thought if thinking else stream).push(token))
                 out.flush()
                 if stop_at and stop_at in stream.text:
                     break
         except KeyboardInterrupt:
             out.write(" [stopped]")
+        if thinking:
+            out.write(thought.flush() + style[1])
         stream.flush()
         reply = stream.text.split(stop_at)[0] if stop_at else stream.text
         out.write("\n")

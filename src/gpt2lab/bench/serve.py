@@ -1,0 +1,122 @@
+"""`gpt2lab bench serve`: what continuous batching buys, measured through the real HTTP server.
+
+The server (``gpt2lab.chat.server``, the app `gpt2lab serve` runs) is started in this process on a free
+local port; for each client count C, C threads of another process (so the clients' Python never holds
+the server's GIL) each send ``--requests`` streaming chat requests one after another (``max_tokens`` new
+tokens each, the end token never sampled). Reported per C: aggregate tokens/s
+(completion tokens of all requests over the level's wall time), its ratio to one client (measured in the
+same run, so a shared machine's load hits all alike), and the time to first token (request sent to first
+content chunk received), p50 and p95 over the level's requests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import statistics
+import threading
+import time
+
+import torch
+
+from gpt2lab.errors import Gpt2LabError
+
+
+def _model(spec: str | None, device: str, dtype: str | None):
+    """The model served: --model, or a random GPT-2 124M with the chat vocabulary (no download)."""
+    from gpt2lab.chat.base import CHAT_VOCAB_SIZE
+    from gpt2lab.model import GPT, GPTConfig
+
+    if spec:
+        from gpt2lab.loading import load_model
+
+        return load_model(spec, device, dtype)
+    torch.manual_seed(0)
+    return GPT(GPTConfig(vocab_size=CHAT_VOCAB_SIZE)).to(device).eval()
+
+
+def _client(url: str, requests: int, max_tokens: int, seed: int, record: list) -> None:
+    """Send streaming chat requests one after another; record (ttft, tokens) of each."""
+    import httpx
+
+    for r in range(requests):
+        body = {
+            "messages": [{"role": "user", "content": f"Tell me a story, number {seed}-{r}."}],
+            "max_tokens": max_tokens, "temperature": 1.0, "seed": seed * 1000 + r, "stream": True,
+            "stream_options": {"include_usage": True},
+        }  # fmt: skip
+        start, first, tokens = time.perf_counter(), None, 0
+        with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=600) as response:
+            if response.status_code != 200:
+                raise Gpt2LabError(f"the server answered {response.status_code}: {response.read().decode()}")
+            for line in response.iter_lines():
+                if not line.startswith("data: {"):
+                    continue
+                chunk = json.loads(line[6:])
+                if first is None and chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
+                    first = time.perf_counter() - start
+                if chunk.get("usage"):
+                    tokens = chunk["usage"]["completion_tokens"]
+        record.append((first if first is not None else time.perf_counter() - start, tokens))
+
+
+def run_level(url: str, clients: int, requests: int, max_tokens: int) -> dict:
+    record: list = []
+    threads = [threading.Thread(target=_client, args=(url, requests, max_tokens, c, record)) for c in range(clients)]
+    start = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - start
+    if len(record) != clients * requests:
+        raise Gpt2LabError(f"{clients * requests - len(record)} requests failed (see the messages above)")
+    ttft = sorted(r[0] for r in record)
+    tokens = sum(r[1] for r in record)
+    return {
+        "clients": clients, "requests": len(record), "tokens": tokens, "seconds": wall, "tok_s": tokens / wall,
+        "ttft_p50": statistics.median(ttft), "ttft_p95": ttft[min(len(ttft) - 1, int(0.95 * len(ttft)))],
+    }  # fmt: skip
+
+
+def bench_serve(args: argparse.Namespace) -> int:
+    from gpt2lab.chat.engine import Engine
+    from gpt2lab.chat.limits import ServeLimits
+    from gpt2lab.chat.server import Service, create_app, serve_in_thread
+    from gpt2lab.dist import default_device
+    from gpt2lab.generate import _check_device
+    from gpt2lab.tokenizer import get_tokenizer
+    from gpt2lab.tokenizer_match import model_tokenizer
+
+    if min(args.clients) < 1 or args.requests < 1 or args.max_tokens < 1:
+        raise Gpt2LabError("--clients, --requests and --max-tokens must be >= 1")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = _check_device(args.device or default_device())
+    model = _model(args.model, device, args.dtype)
+    tokenizer = model_tokenizer(args.model) if args.model else get_tokenizer()
+    engine = Engine(model, max_batch=args.max_batch, max_queue=max(args.clients) * 2)
+    service = Service(engine, tokenizer, True, ServeLimits(), "bench")
+    service.end_ids = frozenset()  # never end early: every request makes max_tokens tokens
+    print(f"bench serve: {sum(p.numel() for p in model.parameters()) / 1e6:.0f}M parameters on {device}, "
+          f"torch {torch.__version__}, {torch.get_num_threads()} threads, max batch {args.max_batch}, "
+          f"{args.requests} requests x {args.max_tokens} tokens per client", flush=True)  # fmt: skip
+    rows = []
+    with serve_in_thread(create_app(service)) as url, multiprocessing.get_context("spawn").Pool(1) as clients_process:
+        clients_process.apply(run_level, (url, 1, 1, 4))  # warm-up
+        for clients in args.clients:
+            engine.peak_running = 0
+            row = clients_process.apply(run_level, (url, clients, args.requests, args.max_tokens))
+            rows.append({**row, "peak": engine.peak_running})
+            print(f"  {clients} clients: {rows[-1]['tok_s']:.1f} tok/s", flush=True)
+    base = rows[0]["tok_s"] if rows[0]["clients"] == 1 else None
+    print("\n| clients | requests | tokens | tok/s | vs 1 client | TTFT p50 | TTFT p95 | peak batch |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        ratio = f"{r['tok_s'] / base:.2f}x" if base else "-"
+        print(f"| {r['clients']} | {r['requests']} | {r['tokens']} | {r['tok_s']:.1f} | {ratio} | "
+              f"{r['ttft_p50'] * 1000:.0f} ms | {r['ttft_p95'] * 1000:.0f} ms | {r['peak']} |")  # fmt: skip
+    if args.json:
+        print(json.dumps(rows))
+    return 0

@@ -1,0 +1,236 @@
+"""The [rl] section and the training loop's loader for `gpt2lab rl`: on-policy rollouts, rewarded and batched.
+
+``train.setup`` picks ``RolloutLoader`` when rl.task is set. At the first micro-batch of a step the loader
+samples ``rl.group_size`` completions for each of its prompts from the current policy (the model being
+trained, in eval mode, through ``gpt2lab.generate``'s KV cache), rewards them with the task's verifier,
+turns rewards into group-relative advantages (``gpt2lab.rl.grpo``) and serves the step's micro-batches:
+prompt + completion rows whose targets are the completion's tokens (the prompt's are -1) and whose
+weights are the advantages. The loop's SFT path averages the loss over the step's trained tokens
+(all micro-batches and ranks); ``RolloutLoader.loss`` is the policy loss in place of cross-entropy.
+
+Every rank samples its own share of the step's prompts, each group on one rank (so a group's mean is a
+local mean). The sampling seed of a group is a function of (train.seed, rollout index, prompt index):
+a resumed run samples exactly what the uninterrupted one did, with nothing else to save than the
+loader's step. Every ``rl.eval_every`` rollouts, greedy accuracy on ``rl.eval_problems`` held-out test
+problems is measured (``eval_reward``): the learning curve `gpt2lab plot` draws.
+"""
+
+from __future__ import annotations
+
+import copy
+import random
+from dataclasses import dataclass
+
+import torch
+
+from gpt2lab.chat.template import render_prompt, split_reply
+from gpt2lab.errors import Gpt2LabError
+from gpt2lab.generate import generate_ids
+from gpt2lab.rl.grpo import entropy, group_advantages, policy_loss, token_logprobs
+
+
+@dataclass
+class RLConfig:
+    """The [rl] section: the policy trained, its task, and how completions are sampled and weighed."""
+
+    model: str = ""  # the starting policy: a chat model (a gpt2lab sft run, checkpoint or export); "" = no RL
+    task: str = ""  # gsm8k, arith, or a JSONL of prompts and answers (gpt2lab.rl.tasks)
+    digits: int = 2  # arith: digits per operand (the difficulty knob)
+    ops: str = "+"  # arith: the operations drawn from, e.g. "+*"
+    verifier: str = ""  # a JSONL task: module:function(reply, answer) -> float; "" = exact match
+    group_size: int = 8  # completions sampled per prompt (G)
+    prompts_per_step: int = 8  # prompts per optimizer step, over all ranks
+    max_new_tokens: int = 128  # longest completion (never past the context)
+    temperature: float = 1.0  # sampling temperature of the rollouts (1 = the policy itself)
+    top_k: int = 0  # 0 = sample from the whole vocabulary
+    std_normalize: bool = False  # divide advantages by the group's std (GRPO) or not (Dr. GRPO)
+    epochs: int = 1  # optimizer steps on each rollout batch; > 1 uses PPO's clipped ratio
+    clip: float = 0.2  # PPO's epsilon (only matters when epochs > 1)
+    kl: float = 0.0  # weight of the KL penalty to the starting policy (0 = none, as nanochat and DAPO)
+    eval_every: int = 25  # rollouts between held-out greedy evaluations (0 = never)
+    eval_problems: int = 64  # held-out test problems per evaluation
+    lr: float = 1e-5  # the RL schedule replaces [optim]'s: constant after warmup (small steps keep the policy near)
+    warmup_fraction: float = 0.0
+    weight_decay: float = 0.0
+
+    def validate(self) -> list[str]:
+        problems = []
+        if self.task and not self.model:
+            problems.append("rl.model is empty: name the policy to train (gpt2lab rl --model ...)")
+        if self.group_size < 2:
+            problems.append(f"rl.group_size must be >= 2: a group of one has no baseline (got {self.group_size})")
+        if self.prompts_per_step < 1 or self.max_new_tokens < 1 or self.epochs < 1:
+            problems.append("rl.prompts_per_step, rl.max_new_tokens and rl.epochs must be >= 1")
+        if not self.temperature > 0:
+            problems.append(f"rl.temperature must be > 0: rollouts sample (got {self.temperature})")
+        if self.top_k < 0 or self.kl < 0 or not 0 < self.clip < 1 or self.eval_every < 0:
+            problems.append("rl.top_k, rl.kl and rl.eval_every must be >= 0, rl.clip in (0, 1)")
+        if self.lr <= 0 or not 0 <= self.warmup_fraction <= 1 or self.weight_decay < 0:
+            problems.append("rl.lr must be > 0, rl.warmup_fraction in [0, 1], rl.weight_decay >= 0")
+        return problems
+
+
+def make_task(rl: RLConfig):
+    from gpt2lab.rl.tasks import get_task
+
+    options = {"digits": rl.digits, "ops": rl.ops} if rl.task == "arith" else {}
+    if rl.verifier:
+        options["verifier"] = rl.verifier
+    return get_task(rl.task, **options)
+
+
+def _seed(*parts: int) -> int:
+    return random.Random(":".join(map(str, parts))).getrandbits(63)  # stable across processes (not hash())
+
+
+class RolloutLoader:
+    """Micro-batches of rewarded on-policy completions, ``micro_batch`` rows each."""
+
+    masked_targets = True  # the loop averages the loss over the step's trained (completion) tokens
+
+    def __init__(self, model, tokenizer, rl: RLConfig, micro_batch: int, rank: int, world_size: int, seed: int):
+        self.model, self.tok, self.rl = model, tokenizer, rl
+        self.task = make_task(rl)
+        self.problems = self.task.problems("train")
+        if not self.problems:
+            raise Gpt2LabError(f"rl.task {rl.task}: no training problems")
+        if rl.prompts_per_step % world_size or (rl.prompts_per_step // world_size * rl.group_size) % micro_batch:
+            raise Gpt2LabError(
+                f"rl.prompts_per_step ({rl.prompts_per_step}) x rl.group_size ({rl.group_size}) must split evenly "
+                f"into {world_size} ranks x micro-batches of {micro_batch} rows"
+            )
+        self.micro_batch, self.rank, self.world_size, self.seed = micro_batch, rank, world_size, seed
+        self.end = tokenizer.special_id("<|assistant_end|>")
+        self.think = tokenizer.special_id("<think>"), tokenizer.special_id("</think>")
+        self.served = 0  # micro-batches served so far: the loader's whole state
+        self.queue: list[tuple] = []
+        self.metrics: dict = {}
+        self.entropies: list[float] = []
+        self.reference = None
+        if rl.kl > 0:  # the frozen starting policy the KL penalty keeps it near
+            self.reference = copy.deepcopy(model).eval().requires_grad_(False)
+
+    @property
+    def per_rollout(self) -> int:
+        """Micro-batches one rollout makes on this rank (the step's grad-accumulation count)."""
+        return self.rl.prompts_per_step // self.world_size * self.rl.group_size // self.micro_batch
+
+    def state_dict(self) -> dict:
+        return {"served": self.served}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.served = int(state["served"])
+        self.queue = []
+
+    def stats(self) -> dict:
+        """This step's rollout metrics (for the metrics log), then cleared."""
+        out, self.metrics = self.metrics, {}
+        if self.entropies:
+            out["entropy"], self.entropies = sum(self.entropies) / len(self.entropies), []
+        return out
+
+    def next_batch(self) -> tuple:
+        """(x, y, advantages, memo) of the next micro-batch: rows (B, L), targets -1 off the completions."""
+        if not self.queue:
+            batches = self.per_rollout * self.rl.epochs
+            index = self.served // batches  # the rollout this micro-batch belongs to
+            rollout = self._rollout(index)
+            skip = self.served - index * batches  # resumed inside a rollout's epochs: same batches, same order
+            self.queue = (rollout * self.rl.epochs)[skip:]
+        self.served += 1
+        return self.queue.pop(0)
+
+    def loss(self, model, batch: tuple, targets: torch.Tensor) -> torch.Tensor:
+        """The policy loss of a micro-batch (mean over its completion tokens)."""
+        x, _, adv, memo = batch
+        logits, _ = model(x)
+        logp = token_logprobs(logits, targets)
+        if self.rl.epochs > 1 and "old_logp" not in memo:  # its first epoch: the policy that sampled it
+            memo["old_logp"] = logp.detach()
+        ref = None
+        if self.reference is not None:
+            with torch.no_grad():
+                ref = token_logprobs(self.reference(x)[0], targets)
+        self.entropies.append(entropy(logits, targets))
+        return policy_loss(logp, targets, adv, memo.get("old_logp"), self.rl.clip, ref, self.rl.kl)
+
+    # ------------------------------------------------------------------ rollouts
+
+    def _problem(self, index: int):
+        """The index-th training problem of an endless sequence of shuffled epochs."""
+        n = len(self.problems)
+        order = list(range(n))
+        random.Random(_seed(self.seed, index // n)).shuffle(order)
+        return self.problems[order[index % n]]
+
+    def _sample(self, problem, seed: int, temperature: float, samples: int) -> tuple[list[int], list[list[int]]]:
+        """(prompt ids, the completions' ids, each ending with <|assistant_end|> where it ended)."""
+        prompt = render_prompt(problem.messages, self.tok)
+        room = self.model.config.block_size - len(prompt)
+        if room < 1:
+            raise Gpt2LabError(f"rl: a prompt of {len(prompt)} tokens fills the model's context")
+        return prompt, generate_ids(
+            self.model, prompt, num_samples=samples, max_new_tokens=min(self.rl.max_new_tokens, room),
+            temperature=temperature, top_k=self.rl.top_k or None, seed=seed, eos_id=self.end, decode="eager",
+        )  # fmt: skip
+
+    def _rollout(self, index: int) -> list[dict]:
+        rl, G = self.rl, self.rl.group_size
+        per_rank = rl.prompts_per_step // self.world_size
+        was_training = self.model.training
+        self.model.eval()
+        if rl.eval_every and index % rl.eval_every == 0:
+            self.metrics["eval_reward"] = self.evaluate()
+        rows, rewards, lengths, thinking = [], [], [], []
+        for p in range(per_rank):
+            j = index * rl.prompts_per_step + self.rank * per_rank + p
+            problem = self._problem(j)
+            prompt, completions = self._sample(problem, _seed(self.seed, index, j), rl.temperature, G)
+            for ids in completions:
+                reasoning, answer = split_reply(ids, self.tok)
+                rewards.append(float(self.task.reward(answer, problem)))
+                rows.append((prompt, ids))
+                lengths.append(len(ids))
+                thinking.append(self._thinking_tokens(ids))
+        self.model.train(was_training)
+        reward = torch.tensor(rewards).view(per_rank, G)
+        adv = group_advantages(reward, rl.std_normalize).flatten()
+        self.metrics |= {
+            "reward": reward.mean().item(),
+            "pass_rate": (reward >= 1).float().mean().item(),
+            "completion_len": sum(lengths) / len(lengths),
+            "thinking_len": sum(thinking) / len(thinking),
+            "equal_groups": (reward.max(1).values == reward.min(1).values).float().mean().item(),
+        }
+        return [self._batch(rows[i : i + self.micro_batch], adv[i : i + self.micro_batch])
+                for i in range(0, len(rows), self.micro_batch)]  # fmt: skip
+
+    def _thinking_tokens(self, ids: list[int]) -> int:
+        if self.think[0] not in ids:
+            return 0
+        start = ids.index(self.think[0])
+        return (ids.index(self.think[1], start) if self.think[1] in ids[start:] else len(ids)) - start - 1
+
+    def _batch(self, rows: list[tuple[list[int], list[int]]], adv: torch.Tensor) -> tuple:
+        """Rows prompt + completion padded to the longest: targets -1 on the prompt and the padding."""
+        device = next(self.model.parameters()).device
+        L = max(len(p) + len(c) - 1 for p, c in rows)
+        x = torch.full((len(rows), L), self.tok.eot, dtype=torch.long)
+        y = torch.full((len(rows), L), -1, dtype=torch.long)
+        a = torch.zeros(len(rows), L)
+        for r, (prompt, completion) in enumerate(rows):
+            seq = prompt + completion
+            x[r, : len(seq) - 1] = torch.tensor(seq[:-1])
+            y[r, len(prompt) - 1 : len(seq) - 1] = torch.tensor(completion)
+            a[r, len(prompt) - 1 : len(seq) - 1] = adv[r]
+        return x.to(device), y.to(device), a.to(device), {}
+
+    def evaluate(self) -> float:
+        """Greedy pass@1 on the first rl.eval_problems test problems (split over the ranks, summed)."""
+        from gpt2lab.eval.generative import evaluate
+
+        result = evaluate(
+            self.model, self.tok, self.task, "test", limit=self.rl.eval_problems,
+            max_new_tokens=self.rl.max_new_tokens, rank=self.rank, world_size=self.world_size,
+        )  # fmt: skip
+        return result["pass@1"]
