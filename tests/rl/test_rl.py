@@ -74,3 +74,70 @@ def test_a_base_model_or_a_missing_task_is_refused_with_one_line(tmp_path, capsy
     assert "--task" in capsys.readouterr().err
     assert main(["rl", "--model", str(tmp_path / "chat"), "--task", "arith", "--set", "rl.group_size=1"]) == 2
     assert "group_size" in capsys.readouterr().err
+
+
+def _vowel_task(tmp_path) -> tuple[str, str]:
+    """A one-token bandit: the reward is 1 when the reply starts with a vowel (a verifier file)."""
+    folder = tmp_path / "vowels"
+    folder.mkdir()
+    for split in ("train", "test"):
+        rows = [{"prompt": f"{split} {i}", "answer": "-"} for i in range(16)]
+        (folder / f"{split}.jsonl").write_text("\n".join(map(json.dumps, rows)))
+    verifier = "def reward(answer, reference):\n    return float(answer.strip()[:1] in 'aeiou')\n"
+    (tmp_path / "vowel.py").write_text(verifier)
+    return str(folder), f"{tmp_path / 'vowel.py'}:reward"
+
+
+def _peaky_policy():
+    """An untrained chat model with its embeddings scaled up: a peaked policy, as a trained one is."""
+    from tests.chat.conftest import tiny_chat_model
+
+    model = tiny_chat_model(32)
+    with torch.no_grad():
+        model.transformer.wte.weight.mul_(20)
+    return model
+
+
+def test_a_rollout_batch_estimates_the_exact_policy_gradient(tmp_path, tokenizer):
+    """On a one-token bandit the expected reward J = sum_a pi(a) r(a) and its gradient are exact: the sampled
+    reward matches J and the loss's gradient points along grad J (negated advantages point away)."""
+    from gpt2lab.chat.template import render_prompt
+    from gpt2lab.rl.grpo import policy_loss, token_logprobs
+    from gpt2lab.rl.rollout import RLConfig, RolloutLoader
+
+    task, verifier = _vowel_task(tmp_path)
+    model = _peaky_policy()
+    rl = RLConfig(model="-", task=task, verifier=verifier, group_size=256, prompts_per_step=2, max_new_tokens=1)
+    loader = RolloutLoader(model, tokenizer, rl, micro_batch=512, rank=0, world_size=1, seed=0)
+    x, y, adv, _ = loader.next_batch()
+    sampled = loader.stats()["reward"]
+    params = list(model.parameters())
+    V = model.config.vocab_size
+    reward = torch.tensor([float(tokenizer.decode([i]).strip()[:1] in "aeiou") for i in range(tokenizer.eot)])
+    reward = torch.cat([reward, torch.zeros(V - len(reward))])  # <|endoftext|> and the special tokens: 0
+    prompts = [render_prompt(loader._problem(j).messages, tokenizer) for j in range(2)]
+    J = sum((torch.softmax(model(torch.tensor([p]))[0][0, -1], -1) * reward).sum() for p in prompts) / 2
+    exact = torch.autograd.grad(J, params)
+
+    def cosine(advantages) -> float:
+        estimate = torch.autograd.grad(policy_loss(token_logprobs(model(x)[0], y), y, advantages), params)
+        dot = sum((-e * g).sum() for e, g in zip(estimate, exact))
+        return float(dot / (sum((e * e).sum() for e in estimate).sqrt() * sum((g * g).sum() for g in exact).sqrt()))
+
+    assert abs(sampled - J.item()) < 0.07  # 512 samples: 4 standard errors
+    assert cosine(adv) > 0.5 and cosine(-adv) < -0.5
+
+
+def test_gpt2lab_rl_raises_the_reward_of_a_bandit_it_can_learn(tmp_path):
+    task, verifier = _vowel_task(tmp_path)
+    save_model(_peaky_policy(), tmp_path / "policy", extra={TRAIN_STATE_KEY: {"config": {"sft": {"data": "x"}}}})
+    args = ["rl", "--model", str(tmp_path / "policy"), "--task", task, "--run-dir", str(tmp_path / "run")]
+    sets = (
+        f"rl.verifier={verifier} train.max_steps=8 train.save_every=0 train.micro_batch=64 log.tensorboard=false "
+        "rl.prompts_per_step=4 rl.group_size=16 rl.max_new_tokens=1 rl.lr=1e-2 rl.eval_every=0"
+    )
+    for s in sets.split():
+        args += ["--set", s]
+    assert main(args) == 0
+    rewards = [json.loads(line)["reward"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert rewards[0] < 0.5 and sum(rewards[-3:]) / 3 > rewards[0] + 0.3, rewards
