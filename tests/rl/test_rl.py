@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import shutil
 
 import torch
@@ -141,3 +142,17 @@ def test_gpt2lab_rl_raises_the_reward_of_a_bandit_it_can_learn(tmp_path):
     assert main(args) == 0
     rewards = [json.loads(line)["reward"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert rewards[0] < 0.5 and sum(rewards[-3:]) / 3 > rewards[0] + 0.3, rewards
+
+
+def test_several_epochs_per_rollout_and_a_kl_penalty_run_through_the_loop(tmp_path):
+    """rl.epochs=2: each rollout serves two optimizer steps (rollout metrics at steps 1 and 3); rl.kl > 0 reads
+    the starting policy as the frozen reference."""
+    _chat_model(tmp_path / "policy")
+    args = ["rl", "--model", str(tmp_path / "policy"), "--task", _task(tmp_path), "--run-dir", str(tmp_path / "a")]
+    args += ["--set", f"rl.verifier={tmp_path / 'odd.py'}:reward", "--set", "rl.epochs=2", "--set", "rl.kl=0.1"]
+    for s in SETS:
+        args += ["--set", s]
+    assert main(args) == 0
+    records = [json.loads(line) for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "reward" in r] == [1, 3]
+    assert all(math.isfinite(r["train_loss"]) for r in records if "train_loss" in r)

@@ -17,7 +17,6 @@ problems is measured (``eval_reward``): the learning curve `gpt2lab plot` draws.
 
 from __future__ import annotations
 
-import copy
 import random
 from dataclasses import dataclass
 
@@ -44,7 +43,8 @@ class RLConfig:
     temperature: float = 1.0  # sampling temperature of the rollouts (1 = the policy itself)
     top_k: int = 0  # 0 = sample from the whole vocabulary
     std_normalize: bool = False  # divide advantages by the group's std (GRPO) or not (Dr. GRPO)
-    epochs: int = 1  # optimizer steps on each rollout batch; > 1 uses PPO's clipped ratio
+    epochs: int = 1  # optimizer steps on each rollout batch; > 1 uses PPO's clipped ratio (resume exactly at a
+    # checkpoint whose step is a multiple of epochs: inside a cycle the batch is sampled again, by the newer policy)
     clip: float = 0.2  # PPO's epsilon (only matters when epochs > 1)
     kl: float = 0.0  # weight of the KL penalty to the starting policy (0 = none, as nanochat and DAPO)
     eval_every: int = 25  # rollouts between held-out greedy evaluations (0 = never)
@@ -107,8 +107,11 @@ class RolloutLoader:
         self.metrics: dict = {}
         self.entropies: list[float] = []
         self.reference = None
-        if rl.kl > 0:  # the frozen starting policy the KL penalty keeps it near
-            self.reference = copy.deepcopy(model).eval().requires_grad_(False)
+        if rl.kl > 0:  # the frozen starting policy the KL penalty keeps it near (read again on a resume)
+            from gpt2lab.loading import load_model
+
+            param = next(model.parameters())
+            self.reference = load_model(rl.model, param.device, param.dtype).requires_grad_(False)
 
     @property
     def per_rollout(self) -> int:
