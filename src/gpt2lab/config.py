@@ -207,6 +207,21 @@ def read_toml(path: str | Path, missing_hint: str = "") -> dict:
         raise Gpt2LabError(f"{path}: not valid TOML ({e})") from None
 
 
+def tuning_values(
+    config_path: str | None, section: str, flags: dict, defaults: dict[str, dict], run: str, source_model: str
+) -> tuple[dict, str]:
+    """(values, source) of a run that tunes a model (gpt2lab sft, gpt2lab rl): the TOML, if given, with the
+    command line's flags (those set) in [section] and ``defaults`` under the file's. [model] is refused: it is
+    the tuned model's."""
+    values, source = (read_toml(config_path), str(config_path)) if config_path else ({}, f"gpt2lab {section}")
+    if "model" in values:
+        raise Gpt2LabError(f"{source}: {run} run takes its [model] from {source_model} ({section}.model)")
+    values.setdefault(section, {}).update({k: v for k, v in flags.items() if v})
+    for name, values_default in defaults.items():
+        values[name] = values_default | values.get(name, {})
+    return values, source
+
+
 def load_config(path: str | Path, sets: Iterable[str] = ()) -> Config:
     """Read a TOML preset and apply --set overrides."""
     values = read_toml(path, " (the presets are in configs/)")

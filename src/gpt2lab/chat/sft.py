@@ -12,7 +12,7 @@ import argparse
 from pathlib import Path
 
 from gpt2lab.chat.base import base_model_config, base_tokenizer, chat_model_config, sft_vocab
-from gpt2lab.config import Config, build_config, parse_sets, read_toml, validate
+from gpt2lab.config import Config, build_config, parse_sets, tuning_values, validate
 from gpt2lab.errors import Gpt2LabError
 from gpt2lab.train import train
 
@@ -26,27 +26,14 @@ SFT_DEFAULTS = {
 
 def sft_config(args: argparse.Namespace) -> Config:
     """The Config of `gpt2lab sft [CONFIG] --model M --data PATH[:W] ... [--set k=v ...]`."""
-    values: dict = {}
-    source = "gpt2lab sft"
-    if args.config:
-        values, source = read_toml(args.config), str(args.config)
-    if "model" in values:
-        raise Gpt2LabError(f"{source}: an SFT run takes its [model] from the model it fine-tunes (sft.model)")
-    sets = parse_sets(args.set)
-    sft = values.setdefault("sft", {})
-    if args.model:
-        sft["model"] = args.model
-    if args.data:
-        sft["data"] = ",".join(args.data)
-    if getattr(args, "thinking", False):
-        sft["thinking"] = True
+    flags = {"model": args.model, "data": ",".join(args.data), "thinking": getattr(args, "thinking", False)}
+    values, source = tuning_values(args.config, "sft", flags, SFT_DEFAULTS, "an SFT", "the model it fine-tunes")
+    sets, sft = parse_sets(args.set), values["sft"]
     model_spec, data = sets.get("sft.model", sft.get("model")), sets.get("sft.data", sft.get("data"))
     if not model_spec or not data:
         raise Gpt2LabError("gpt2lab sft needs --model (the model to fine-tune) and --data (conversations)")
     model = chat_model_config(base_model_config(model_spec), sft_vocab(base_tokenizer(model_spec)))
     values["model"] = model.to_dict()
-    for section, defaults in SFT_DEFAULTS.items():
-        values[section] = defaults | values.get(section, {})
     train_values = values["train"]
     if "total_batch" not in train_values and "train.total_batch" not in sets:  # one micro-batch per step
         micro = sets.get("train.micro_batch", train_values["micro_batch"])

@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from gpt2lab.config import Config, build_config, parse_sets, read_toml, validate
+from gpt2lab.config import Config, build_config, parse_sets, tuning_values, validate
 from gpt2lab.errors import Gpt2LabError
 from gpt2lab.train import train
 
@@ -27,17 +27,9 @@ def rl_config(args: argparse.Namespace) -> Config:
     """The Config of `gpt2lab rl [CONFIG] --model M --task T [--set k=v ...]`."""
     from gpt2lab.chat.base import base_model_config, is_chat_model
 
-    values: dict = {}
-    source = "gpt2lab rl"
-    if args.config:
-        values, source = read_toml(args.config), str(args.config)
-    if "model" in values:
-        raise Gpt2LabError(f"{source}: an RL run takes its [model] from the policy it trains (rl.model)")
-    sets = parse_sets(args.set)
-    rl = values.setdefault("rl", {})
-    for key in ("model", "task"):
-        if getattr(args, key):
-            rl[key] = getattr(args, key)
+    flags = {"model": args.model, "task": args.task}
+    values, source = tuning_values(args.config, "rl", flags, RL_DEFAULTS, "an RL", "the policy it trains")
+    sets, rl = parse_sets(args.set), values["rl"]
     model_spec, task = sets.get("rl.model", rl.get("model")), sets.get("rl.task", rl.get("task"))
     if not model_spec or not task:
         raise Gpt2LabError("gpt2lab rl needs --model (a chat model, e.g. from gpt2lab sft) and --task")
@@ -47,8 +39,6 @@ def rl_config(args: argparse.Namespace) -> Config:
         )
     model = base_model_config(model_spec)
     values["model"] = model.to_dict()
-    for section, defaults in RL_DEFAULTS.items():
-        values[section] = defaults | values.get(section, {})
     micro = str(sets.get("train.micro_batch", values["train"]["micro_batch"]))
     if not micro.isdigit():
         raise Gpt2LabError(f"{source}: an RL run needs a number of rows for train.micro_batch (got {micro})")
