@@ -98,16 +98,18 @@ def cached_decoding(model, idx, prefill: int = 5, max_len: int | None = None, st
     return torch.cat(steps, dim=1)
 
 
-def assert_fused_loss_and_recompute_match_plain(make_model, x) -> None:
+def assert_fused_loss_and_recompute_match_plain(make_model, x, y=None, **forward_kwargs) -> None:
     """perf.ce_chunk_size (7) with activation checkpointing gives the plain path's loss and gradients.
 
-    ``make_model()`` builds the same model (same weights) each call; x is used as input and targets.
+    ``make_model()`` builds the same model (same weights) each call; y defaults to x (inputs as targets);
+    ``forward_kwargs`` go to every forward (e.g. doc_ids).
     """
+    y = x if y is None else y
     results = []
     for chunk, recompute in ((0, False), (7, True)):
         model = make_model().train()
         model.ce_chunk_size, model.activation_checkpointing = chunk, recompute
-        _, loss = model(x, x)
+        _, loss = model(x, y, **forward_kwargs)
         loss.backward()
         results.append((loss.detach(), {n: p.grad for n, p in model.named_parameters()}))
     (loss_a, grads_a), (loss_b, grads_b) = results

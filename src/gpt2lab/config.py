@@ -222,6 +222,14 @@ def tuning_values(
     return values, source
 
 
+def tuning_schedule(config: Config, lr: float, warmup_fraction: float, min_lr_ratio: float, weight_decay: float):
+    """Replace [optim]'s schedule by a tuning section's: warmup over a share of train.max_steps, then a cosine
+    to lr * min_lr_ratio at the last step (min_lr_ratio 1: constant)."""
+    o, steps = config.optim, config.train.max_steps
+    o.lr, o.min_lr_ratio, o.weight_decay = lr, min_lr_ratio, weight_decay
+    o.warmup_steps, o.decay_steps = round(warmup_fraction * steps), steps
+
+
 def load_config(path: str | Path, sets: Iterable[str] = ()) -> Config:
     """Read a TOML preset and apply --set overrides."""
     values = read_toml(path, " (the presets are in configs/)")

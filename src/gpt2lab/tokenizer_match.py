@@ -51,10 +51,10 @@ def _pretraining_data(cfg) -> Path | None:
     return path if (path / "manifest.json").is_file() else None
 
 
-def _sft_model(cfg, resume_from: Path | None = None) -> str | None:
-    """The model whose tokenizer an SFT run encodes its conversations with, else None: the model it fine-tunes,
-    or the run's own checkpoint when it resumes (which recorded that tokenizer; the base may be gone)."""
-    for name, active in (("sft", "data"), ("rl", "task")):  # RL: the policy's tokenizer, as SFT's
+def _tuned_model(cfg, resume_from: Path | None = None) -> str | None:
+    """The model whose tokenizer a tuning run (SFT, RL) encodes with, else None: the model it tunes, or the
+    run's own checkpoint when it resumes (which recorded that tokenizer; the tuned model may be gone)."""
+    for name, active in (("sft", "data"), ("rl", "task")):
         section = getattr(cfg, name, None)
         if section is not None and getattr(section, active) and section.model:
             return str(resume_from) if resume_from is not None else section.model
@@ -64,8 +64,8 @@ def _sft_model(cfg, resume_from: Path | None = None) -> str | None:
 def data_record(cfg, resume_from: Path | None = None) -> dict | None:
     """The tokenizer record of the run's shards, or of the model an SFT run fine-tunes where that is a trained
     one; None for GPT-2's under SFT, or no dataset yet (setup reports that)."""
-    if _sft_model(cfg):
-        tok = model_tokenizer(_sft_model(cfg, resume_from), load_gpt2=False)
+    if _tuned_model(cfg):
+        tok = model_tokenizer(_tuned_model(cfg, resume_from), load_gpt2=False)
         return record_of(tok) if tok is not None else None
     path = _pretraining_data(cfg)
     return manifest_tokenizer(read_manifest(path)) if path else None
@@ -81,7 +81,7 @@ def agree(cfg, resume_from: Path | None) -> dict | None:
     record = data_record(cfg, resume_from)
     if record is None:
         return None
-    if record["hash"] != GPT2_HASH and not _sft_model(cfg):  # SFT: [model] is the fine-tuned model's (chat.base)
+    if record["hash"] != GPT2_HASH and not _tuned_model(cfg):  # SFT: [model] is the fine-tuned model's (chat.base)
         vocab = int(record["vocab_size"])
         rows = -(-vocab // PAD_MULTIPLE) * PAD_MULTIPLE
         if (cfg.model.vocab_size, cfg.model.padded_vocab_size) != (vocab, rows):
@@ -107,8 +107,8 @@ def check_same(model: dict, other: dict, model_where: str, other_what: str) -> N
 def copy_into_run(cfg, run_dir: Path, resume_from: Path | None = None) -> None:
     """A trained tokenizer's files into the run folder, beside config.toml (SFT: the fine-tuned model's)."""
     path = _pretraining_data(cfg)
-    if _sft_model(cfg):
-        tok = model_tokenizer(_sft_model(cfg, resume_from), load_gpt2=False)
+    if _tuned_model(cfg):
+        tok = model_tokenizer(_tuned_model(cfg, resume_from), load_gpt2=False)
         path = tok.folder if isinstance(tok, TrainedTokenizer) else None
     if path is not None and (path / TOKENIZER_JSON).is_file() and path.resolve() != run_dir.resolve():
         for name in (TOKENIZER_JSON, TOKENIZER_META):
@@ -118,8 +118,8 @@ def copy_into_run(cfg, run_dir: Path, resume_from: Path | None = None) -> None:
 
 def run_tokenizer(cfg, resume_from: Path | None = None):
     """The tokenizer a run trains with (SFT: the fine-tuned model's; samples and HellaSwag during training)."""
-    if _sft_model(cfg):
-        return model_tokenizer(_sft_model(cfg, resume_from))
+    if _tuned_model(cfg):
+        return model_tokenizer(_tuned_model(cfg, resume_from))
     path = _pretraining_data(cfg)
     return dataset_tokenizer(path) if path else get_tokenizer()
 

@@ -29,6 +29,19 @@ def tiny_chat_model(block_size: int = 64, seed: int = 0) -> GPT:
     return model
 
 
+class MaskedBatches:
+    """An SFT loader stand-in: fixed micro-batches in turn."""
+
+    masked_targets = True
+
+    def __init__(self, batches):
+        self.batches, self.i = batches, 0
+
+    def next_batch(self):
+        self.i += 1
+        return self.batches[(self.i - 1) % len(self.batches)]
+
+
 @dataclass
 class Served:
     url: str

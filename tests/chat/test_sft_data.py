@@ -14,6 +14,7 @@ from gpt2lab.chat.template import render
 from gpt2lab.errors import Gpt2LabError
 from gpt2lab.model import GPT, GPTConfig
 from gpt2lab.tokenizer import get_tokenizer
+from tests.chat.conftest import MaskedBatches
 from tests.conftest import SHARED_DATA, assert_close_f32
 
 
@@ -114,19 +115,6 @@ def test_a_set_of_mostly_overlong_conversations_neither_clogs_nor_nans(tok):
         assert math.isfinite(loss.item())
     with pytest.raises(Gpt2LabError, match="no conversation fits"):
         SFTLoader(pack(long, tok, block_size=32, overlong="drop"), batch_size=2)
-
-
-class MaskedBatches:
-    """An SFT loader stand-in: fixed micro-batches in turn."""
-
-    masked_targets = True
-
-    def __init__(self, batches):
-        self.batches, self.i = batches, 0
-
-    def next_batch(self):
-        self.i += 1
-        return self.batches[(self.i - 1) % len(self.batches)]
 
 
 def _grads(model, batches, k):

@@ -13,7 +13,8 @@ from gpt2lab.chat.template import render
 from gpt2lab.errors import Gpt2LabError
 from gpt2lab.model import GPT, GPTConfig
 from gpt2lab.tokenizer import get_tokenizer
-from tests.conftest import assert_close_f32, assert_not_close_f32
+from tests.chat.conftest import MaskedBatches
+from tests.conftest import assert_close_f32, assert_fused_loss_and_recompute_match_plain, assert_not_close_f32
 
 VOCAB = dict(vocab_size=50269, padded_vocab_size=50304)  # GPT-2's tokens and the chat's special ones
 VARIANTS = {
@@ -66,17 +67,7 @@ def test_the_mask_keeps_fused_loss_and_recompute_equal_to_the_plain_path(tok):
     """perf.ce_chunk_size and activation checkpointing take doc_ids through: the same loss and gradients."""
     packed = pack(_conversations(8), tok, block_size=48, packing="mask")
     x, y, docs = SFTLoader(packed, batch_size=len(packed.tokens), shuffle=False).next_batch()
-    results = []
-    for chunk, recompute in ((0, False), (7, True)):
-        model = _model("gpt2").train()
-        model.ce_chunk_size, model.activation_checkpointing = chunk, recompute
-        _, loss = model(x, y, doc_ids=docs)
-        loss.backward()
-        results.append((loss.detach(), {n: p.grad for n, p in model.named_parameters()}))
-    (loss_a, grads_a), (loss_b, grads_b) = results
-    assert_close_f32(loss_b, loss_a)
-    for name, grad in grads_a.items():
-        assert_close_f32(grads_b[name], grad, terms=32, msg=name)
+    assert_fused_loss_and_recompute_match_plain(lambda: _model("gpt2"), x, y, doc_ids=docs)
 
 
 def test_doc_ids_with_a_kv_cache_is_refused():
@@ -98,19 +89,6 @@ def test_pad_rows_hold_one_conversation_each(tok):
         assert (row[len(ids) :] == tok.eot).all() and not trained[len(ids) :].any()  # padding, never trained
     batch = SFTLoader(padded, batch_size=2).next_batch()
     assert len(batch) == 2  # (x, y): nothing to mask
-
-
-class MaskedBatches:
-    """An SFT loader stand-in: fixed micro-batches in turn."""
-
-    masked_targets = True
-
-    def __init__(self, batches):
-        self.batches, self.i = batches, 0
-
-    def next_batch(self):
-        self.i += 1
-        return self.batches[(self.i - 1) % len(self.batches)]
 
 
 def test_an_all_masked_micro_batch_with_doc_ids_is_not_nan(tok):

@@ -12,7 +12,7 @@ import argparse
 from pathlib import Path
 
 from gpt2lab.chat.base import base_model_config, base_tokenizer, chat_model_config, sft_vocab
-from gpt2lab.config import Config, build_config, parse_sets, tuning_values, validate
+from gpt2lab.config import Config, build_config, parse_sets, tuning_schedule, tuning_values, validate
 from gpt2lab.errors import Gpt2LabError
 from gpt2lab.train import train
 
@@ -40,9 +40,8 @@ def sft_config(args: argparse.Namespace) -> Config:
         if str(micro).isdigit():  # "auto": the user sets train.total_batch
             train_values["total_batch"] = int(micro) * model.block_size
     cfg = build_config(values, source, args.set)
-    s, o = cfg.sft, cfg.optim  # the SFT schedule: [sft]'s lr, warmup share and floor replace [optim]'s
-    o.lr, o.min_lr_ratio, o.weight_decay = s.lr, s.min_lr_ratio, s.weight_decay
-    o.warmup_steps, o.decay_steps = round(s.warmup_fraction * cfg.train.max_steps), cfg.train.max_steps
+    s = cfg.sft  # the SFT schedule: [sft]'s lr, warmup share and floor replace [optim]'s
+    tuning_schedule(cfg, s.lr, s.warmup_fraction, s.min_lr_ratio, s.weight_decay)
     validate(cfg, source)
     return cfg
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from gpt2lab.config import Config, build_config, parse_sets, tuning_values, validate
+from gpt2lab.config import Config, build_config, parse_sets, tuning_schedule, tuning_values, validate
 from gpt2lab.errors import Gpt2LabError
 from gpt2lab.train import train
 
@@ -44,11 +44,10 @@ def rl_config(args: argparse.Namespace) -> Config:
         raise Gpt2LabError(f"{source}: an RL run needs a number of rows for train.micro_batch (got {micro})")
     values["train"]["total_batch"] = int(micro) * model.block_size  # replaced below, once [rl] is read
     cfg = build_config(values, source, [s for s in args.set if not s.startswith("train.total_batch")])
-    r, o = cfg.rl, cfg.optim
+    r = cfg.rl
     # one step = prompts x group completions; the loop's grad accumulation = those rows / (micro-batch x ranks)
     cfg.train.total_batch = r.prompts_per_step * r.group_size * cfg.model.block_size
-    o.lr, o.min_lr_ratio, o.weight_decay = r.lr, 1.0, r.weight_decay  # constant after warmup
-    o.warmup_steps, o.decay_steps = round(r.warmup_fraction * cfg.train.max_steps), cfg.train.max_steps
+    tuning_schedule(cfg, r.lr, r.warmup_fraction, 1.0, r.weight_decay)  # min_lr_ratio 1: constant after warmup
     validate(cfg, source)
     return cfg
 
