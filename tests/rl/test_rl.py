@@ -156,3 +156,39 @@ def test_several_epochs_per_rollout_and_a_kl_penalty_run_through_the_loop(tmp_pa
     records = [json.loads(line) for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "reward" in r] == [1, 3]
     assert all(math.isfinite(r["train_loss"]) for r in records if "train_loss" in r)
+
+
+def test_two_ddp_ranks_sample_the_same_rollouts_and_take_the_same_steps_as_one_process(tmp_path):
+    """Under torchrun each rank samples its share of the step's prompts (a group whole on one rank, seeded by its
+    index), the loss is averaged over all ranks' completion tokens and DDP sums the gradients: the logged figures
+    are the mean over ranks, equal to one process's, and the weights after 3 steps match it."""
+    from tests.conftest import assert_close_f32
+    from tests.test_fsdp import torchrun
+
+    _chat_model(tmp_path / "policy")
+    args = ["rl", "--model", str(tmp_path / "policy"), "--task", _task(tmp_path)]
+    args += ["--set", f"rl.verifier={tmp_path / 'odd.py'}:reward", "--set", "optim.grad_clip=0"]
+    sets = [s.replace("max_steps=4", "max_steps=3") for s in SETS] + ["rl.prompts_per_step=4", "rl.eval_every=0"]
+    for s in sets:
+        args += ["--set", s]
+    torch.set_num_threads(1)
+    assert main([*args, "--run-dir", str(tmp_path / "one")]) == 0
+    torchrun(*args, "--run-dir", str(tmp_path / "two"))
+
+    def rollout_figures(run):
+        records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        keys = ("reward", "pass_rate", "completion_len", "equal_groups")
+        return [[r[k] for k in keys] for r in records if "reward" in r]
+
+    one, two = rollout_figures(tmp_path / "one"), rollout_figures(tmp_path / "two")
+    assert len(one) == 3 and 0 < sum(r[0] for r in one) < 3
+    assert two == one
+    last = [p / "checkpoints" / "step_0000003" / ckpt.WEIGHTS_NAME for p in (tmp_path / "one", tmp_path / "two")]
+    w_one, w_two = map(ckpt.load_state_dict, last)
+    for name in w_one:
+        if name.endswith("attn.c_attn.bias"):  # the key third's gradient is 0 in exact arithmetic (softmax ignores
+            # a constant added to every score): AdamW turns its rounding noise into lr-sized steps (see test_fsdp)
+            q, _, v = w_one[name].chunk(3)
+            q2, _, v2 = w_two[name].chunk(3)
+            w_one[name], w_two[name] = torch.cat([q, v]), torch.cat([q2, v2])
+        assert_close_f32(w_two[name], w_one[name], msg=name)

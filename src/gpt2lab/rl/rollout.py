@@ -21,6 +21,7 @@ import random
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 
 from gpt2lab.chat.template import render_prompt, split_reply
 from gpt2lab.errors import Gpt2LabError
@@ -126,10 +127,15 @@ class RolloutLoader:
         self.queue = []
 
     def stats(self) -> dict:
-        """This step's rollout metrics (for the metrics log), then cleared."""
+        """This step's rollout metrics (for the metrics log), then cleared; every rank calls it (an all-reduce)."""
         out, self.metrics = self.metrics, {}
         if self.entropies:
             out["entropy"], self.entropies = sum(self.entropies) / len(self.entropies), []
+        if self.world_size > 1:  # every rank sampled an equal share: the step's figure is the mean of theirs
+            keys = sorted(k for k in out if k != "eval_reward")  # eval_reward is already over all ranks
+            t = torch.tensor([out[k] for k in keys], dtype=torch.float64, device=next(self.model.parameters()).device)
+            dist.all_reduce(t)
+            out |= {k: v / self.world_size for k, v in zip(keys, t.tolist())}
         return out
 
     def next_batch(self) -> tuple:
