@@ -122,7 +122,10 @@ def add_data(sub) -> None:
     arith.add_argument("--n", type=int, default=5000, help="conversations (train-split problems)")
     arith.add_argument("--digits", type=int, default=2, help="digits per operand")
     arith.add_argument("--ops", default="+", help="operations drawn from: +, * or +*")
-    arith.add_argument("--thinking", action="store_true", help="the worked solution as the reply's thinking span")
+    arith.add_argument(
+        "--thinking", nargs="?", type=float, const=1.0, default=0.0, metavar="SHARE",
+        help="the worked solution as the reply's thinking span (in a SHARE of them, e.g. 0.25; alone: all)",
+    )  # fmt: skip
     arith.set_defaults(func=run_data_arith)
 
 

@@ -67,7 +67,12 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     out = Path(out) if out else run_dir / "curves.png"
     fig, axes = plt.subplots(2, 2, figsize=(12, 8))
     if "reward" in series:  # an RL run (gpt2lab rl): rewards in place of losses, lengths in place of HellaSwag
-        rewards = [("reward", "rollout reward"), ("pass_rate", "rollout pass rate"), ("eval_reward", "held-out")]
+        rewards = [
+            ("reward", "rollout reward"),
+            ("pass_rate", "rollout pass rate"),
+            ("eval_reward", "held-out (greedy)"),
+            ("eval_sampled_reward", "held-out (sampled)"),
+        ]
         _draw(axes[0, 0], series, rewards, "reward", "mean reward / accuracy")
         lengths = [("completion_len", "completion"), ("thinking_len", "thinking")]
         _draw(axes[0, 1], series, lengths, "completion length", "tokens")

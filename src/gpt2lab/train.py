@@ -616,6 +616,7 @@ def loop(run: Run, stop: StopSignals) -> Path | None:
                 mfu = f" | MFU {record['mfu']:6.1%}" if peak else ""
                 mfu += f" | reward {record['reward']:.3f}" if "reward" in record else ""
                 mfu += f" | held-out {record['eval_reward']:.3f}" if "eval_reward" in record else ""
+                mfu += f" sampled {record['eval_sampled_reward']:.3f}" if "eval_sampled_reward" in record else ""
                 mfu += f" | skipped {run.skipped_steps}" if run.skipped_steps else ""
                 mfu += f" | moe max/mean {record['moe_load_max_over_mean']:.2f}" if "moe_load" in record else ""
                 _print0(

@@ -16,7 +16,8 @@ from gpt2lab.model import GPT, GPTConfig
 
 SETS = (
     "train.max_steps=4 train.save_every=2 train.keep_checkpoints=0 train.micro_batch=2 log.tensorboard=false "
-    "rl.prompts_per_step=2 rl.group_size=2 rl.max_new_tokens=6 rl.lr=1e-2 rl.eval_every=2 rl.eval_problems=2"
+    "rl.prompts_per_step=2 rl.group_size=2 rl.max_new_tokens=6 rl.lr=1e-2 "
+    "rl.eval_every=2 rl.eval_problems=2 rl.eval_samples=2"
 ).split()
 
 
@@ -52,7 +53,10 @@ def test_an_rl_run_moves_the_policy_logs_rewards_and_resumes_exactly_without_its
     for key in ("pass_rate", "completion_len", "thinking_len", "equal_groups", "entropy"):
         assert all(key in r for r in steps), key
     assert 0 < sum(r["reward"] for r in steps) < 4  # some rewarded, some not: a gradient to follow
-    assert [r["step"] for r in records if "eval_reward" in r] == [1, 3]  # before rollouts 0 and 2
+    evals = [r for r in records if "eval_reward" in r]
+    assert [r["step"] for r in evals] == [1, 3]  # before rollouts 0 and 2
+    for r in evals:  # rl.eval_samples=2: the share right of 2 problems x 2 samples, a multiple of 1/4
+        assert 0 <= r["eval_sampled_reward"] <= 1 and (4 * r["eval_sampled_reward"]).is_integer()
 
     shutil.copytree(tmp_path / "a", tmp_path / "b")
     shutil.rmtree(tmp_path / "b" / "checkpoints" / "step_0000004")

@@ -195,6 +195,22 @@ def test_arith_conversations_round_trip_through_the_chat_template(tokenizer):
         assert task.reward(split_reply(reply, tokenizer)[1], p) == 1.0
 
 
+@pytest.mark.parametrize("flag, reasoned", [(["--thinking", "0.25"], 5), (["--thinking"], 20), ([], 0)])
+def test_gpt2lab_data_arith_writes_a_share_of_the_conversations_with_thinking(tmp_path, capsys, flag, reasoned):
+    """--thinking 0.25: every fourth conversation reasons first (spread through the file), the rest answer."""
+    from gpt2lab.cli import main
+
+    out = tmp_path / "arith.jsonl"
+    assert main(["data", "arith", "--out", str(out), "--n", "20", *flag]) == 0
+    replies = [json.loads(line)["messages"][-1] for line in out.read_text().splitlines()]
+    thinks = ["reasoning_content" in r for r in replies]
+    assert sum(thinks) == reasoned and f"{reasoned} with thinking" in capsys.readouterr().out
+    if reasoned == 5:
+        assert [i for i, t in enumerate(thinks) if t] == [3, 7, 11, 15, 19]
+    assert main(["data", "arith", "--out", str(out), "--thinking", "1.5"]) != 0
+    assert "0 to 1" in capsys.readouterr().err
+
+
 def test_arith_refuses_bad_settings():
     for kwargs, field in (({"digits": 0}, "digits"), ({"ops": "-"}, "ops"), ({"ops": ""}, "ops")):
         with pytest.raises(Gpt2LabError, match=field):

@@ -12,7 +12,8 @@ Every rank samples its own share of the step's prompts, each group on one rank (
 local mean). The sampling seed of a group is a function of (train.seed, rollout index, prompt index):
 a resumed run samples exactly what the uninterrupted one did, with nothing else to save than the
 loader's step. Every ``rl.eval_every`` rollouts, greedy accuracy on ``rl.eval_problems`` held-out test
-problems is measured (``eval_reward``): the learning curve `gpt2lab plot` draws.
+problems is measured (``eval_reward``; with ``rl.eval_samples`` also the sampled ``eval_sampled_reward``):
+the learning curve `gpt2lab plot` draws.
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ class RLConfig:
     kl: float = 0.0  # weight of the KL penalty to the starting policy (0 = none, as nanochat and DAPO)
     eval_every: int = 25  # rollouts between held-out greedy evaluations (0 = never)
     eval_problems: int = 64  # held-out test problems per evaluation
+    eval_samples: int = 0  # >= 2: also the policy's mean reward there, from that many samples each at rl.temperature
     lr: float = 1e-5  # the RL schedule replaces [optim]'s: constant after warmup (small steps keep the policy near)
     warmup_fraction: float = 0.0
     weight_decay: float = 0.0
@@ -66,6 +68,8 @@ class RLConfig:
             problems.append(f"rl.temperature must be > 0: rollouts sample (got {self.temperature})")
         if self.top_k < 0 or self.kl < 0 or not 0 < self.clip < 1 or self.eval_every < 0:
             problems.append("rl.top_k, rl.kl and rl.eval_every must be >= 0, rl.clip in (0, 1)")
+        if self.eval_samples < 0 or self.eval_samples == 1:
+            problems.append(f"rl.eval_samples must be 0 (greedy only) or >= 2 (got {self.eval_samples})")
         if self.lr <= 0 or not 0 <= self.warmup_fraction <= 1 or self.weight_decay < 0:
             problems.append("rl.lr must be > 0, rl.warmup_fraction in [0, 1], rl.weight_decay >= 0")
         return problems
@@ -132,7 +136,7 @@ class RolloutLoader:
         if self.entropies:
             out["entropy"], self.entropies = sum(self.entropies) / len(self.entropies), []
         if self.world_size > 1:  # every rank sampled an equal share: the step's figure is the mean of theirs
-            keys = sorted(k for k in out if k != "eval_reward")  # eval_reward is already over all ranks
+            keys = sorted(k for k in out if not k.startswith("eval_"))  # the evaluations are over all ranks already
             t = torch.tensor([out[k] for k in keys], dtype=torch.float64, device=next(self.model.parameters()).device)
             dist.all_reduce(t)
             out |= {k: v / self.world_size for k, v in zip(keys, t.tolist())}
@@ -189,7 +193,7 @@ class RolloutLoader:
         was_training = self.model.training
         self.model.eval()
         if rl.eval_every and index % rl.eval_every == 0:
-            self.metrics["eval_reward"] = self.evaluate()
+            self.metrics |= self.evaluate()
         rows, rewards, lengths, thinking = [], [], [], []
         for p in range(per_rank):
             j = index * rl.prompts_per_step + self.rank * per_rank + p
@@ -234,12 +238,19 @@ class RolloutLoader:
             a[r, len(prompt) - 1 : len(seq) - 1] = adv[r]
         return x.to(device), y.to(device), a.to(device), {}
 
-    def evaluate(self) -> float:
-        """Greedy pass@1 on the first rl.eval_problems test problems (split over the ranks, summed)."""
+    def evaluate(self) -> dict:
+        """On the first rl.eval_problems test problems (split over the ranks, summed): greedy pass@1
+        (eval_reward) and, with rl.eval_samples, the share right of that many samples each at the rollout
+        temperature (eval_sampled_reward: the policy's own mean reward, what RL raises first)."""
         from gpt2lab.eval.generative import evaluate
 
+        rl = self.rl
         result = evaluate(
-            self.model, self.tok, self.task, "test", limit=self.rl.eval_problems,
-            max_new_tokens=self.rl.max_new_tokens, rank=self.rank, world_size=self.world_size,
+            self.model, self.tok, self.task, "test", max(rl.eval_samples, 1), rl.eval_problems,
+            temperature=rl.temperature, max_new_tokens=rl.max_new_tokens, seed=self.seed, rank=self.rank,
+            world_size=self.world_size,
         )  # fmt: skip
-        return result["pass@1"]
+        out = {"eval_reward": result["pass@1"]}
+        if rl.eval_samples:
+            out["eval_sampled_reward"] = result["sampled_pass@1"]
+        return out
