@@ -76,10 +76,12 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
         _draw(axes[0, 0], series, rewards, "reward", "mean reward / accuracy")
         lengths = [("completion_len", "completion"), ("thinking_len", "thinking")]
         _draw(axes[0, 1], series, lengths, "completion length", "tokens")
+        spread = [("entropy", "entropy (nats per token)"), ("equal_groups", "share of all-equal groups")]
+        _draw(axes[1, 0], series, spread, "exploration", "nats / share")  # the lr is constant in RL
     else:
         _draw(axes[0, 0], series, [("train_loss", "train"), ("val_loss", "val")], "loss", "cross-entropy (nats)")
         _draw(axes[0, 1], series, [("hellaswag", "acc_norm")], "HellaSwag", "accuracy")
-    _draw(axes[1, 0], series, [("lr", "learning rate")], "learning rate", "lr")
+        _draw(axes[1, 0], series, [("lr", "learning rate")], "learning rate", "lr")
     _draw(axes[1, 1], series, [("tokens_per_s", "tokens/s")], "throughput", "tokens/s")
     if series.get("mfu"):
         twin = axes[1, 1].twinx()
