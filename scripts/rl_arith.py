@@ -5,12 +5,13 @@ in one folder OUT:
 
     1. gpt2lab data arith --thinking SHARE    conversations, a SHARE of them reasoning first (the rest answer)
     2. gpt2lab tokenizer train                a small BPE on their text, so the LM head stays small
-    3. a random base model                    N_LAYER x N_EMBD, 128-token context, the tokenizer beside it
-    4. gpt2lab sft, gpt2lab eval arith        greedy and sampled accuracy on held-out problems
+    3. a random base model, gpt2lab sft       N_LAYER x N_EMBD, 128-token context, the tokenizer beside it
+    4. gpt2lab eval arith                     greedy and sampled accuracy on held-out problems
     5. gpt2lab rl, gpt2lab eval arith         the same, after RL
     6. gpt2lab plot                           OUT/rl/curves.png
 
-and prints a table (also OUT/summary.json). On 2 cores the defaults take about 25 minutes:
+and prints a table (also OUT/summary.json). ``--sft RUN`` starts at stage 4 from an SFT run made before
+(another RL setting from the same start). On 2 cores the defaults take about 25 minutes:
 
     OMP_NUM_THREADS=2 python scripts/rl_arith.py --out runs/rl-arith
 
@@ -80,15 +81,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rl-steps", type=int, default=100)
     p.add_argument("--rl-lr", type=float, default=1e-4)
     p.add_argument("--eval-limit", type=int, default=200, help="held-out problems of the final evaluations")
+    p.add_argument("--sft", default=None, metavar="RUN", help="start RL from this SFT run (stages 1-3 skipped)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="more settings for gpt2lab rl")
     return p.parse_args(argv)
 
 
-def pipeline(args: argparse.Namespace) -> dict:
-    out = Path(args.out)
-    shutil.rmtree(out, ignore_errors=True)
-    out.mkdir(parents=True)
-    data, max_new = out / "arith.jsonl", "16" if args.thinking == 0 else "96"
+def sft_stages(args: argparse.Namespace, out: Path) -> Path:
+    """Stages 1-3: the conversations, a tokenizer, a base model and its SFT run (OUT/sft)."""
+    data = out / "arith.jsonl"
     run("data", "arith", "--out", str(data), "--n", str(args.n), "--digits", "2", "--thinking", str(args.thinking))
     write_corpus(data, out / "corpus.txt")
     run("tokenizer", "train", str(out / "corpus.txt"), "--out", str(out / "tokenizer"), "--vocab-size", "512")
@@ -97,11 +97,22 @@ def pipeline(args: argparse.Namespace) -> dict:
            f"train.save_every={args.sft_steps}", "log.every=50", "eval.val_every=0"]  # fmt: skip
     run("sft", "--model", str(out / "base"), "--data", str(data), "--run-dir", str(out / "sft"),
         *[a for s in sft for a in ("--set", s)])  # fmt: skip
-    before = evaluate(out / "sft", out / "eval-sft.json", args.eval_limit, max_new)
+    return out / "sft"
+
+
+def pipeline(args: argparse.Namespace) -> dict:
+    out = Path(args.out)
+    if args.sft and out.resolve() in Path(args.sft).resolve().parents:
+        sys.exit(f"--sft {args.sft} is inside --out {out}, which is replaced: copy it elsewhere first")
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    max_new = "16" if args.thinking == 0 else "96"
+    sft_run = Path(args.sft) if args.sft else sft_stages(args, out)
+    before = evaluate(sft_run, out / "eval-sft.json", args.eval_limit, max_new)
     rl = ["rl.digits=2", f"train.max_steps={args.rl_steps}", "rl.prompts_per_step=8", "rl.group_size=8",
           "train.micro_batch=16", f"rl.max_new_tokens={max_new}", f"rl.lr={args.rl_lr}", "rl.eval_every=20",
           "rl.eval_problems=100", "rl.eval_samples=4", f"train.save_every={args.rl_steps}", *args.set]  # fmt: skip
-    run("rl", "--model", str(out / "sft"), "--task", "arith", "--run-dir", str(out / "rl"),
+    run("rl", "--model", str(sft_run), "--task", "arith", "--run-dir", str(out / "rl"),
         *[a for s in rl for a in ("--set", s)])  # fmt: skip
     after = evaluate(out / "rl", out / "eval-rl.json", args.eval_limit, max_new)
     run("plot", str(out / "rl"))

@@ -32,3 +32,7 @@ def test_the_rl_arith_pipeline_runs_at_toy_size(tmp_path):
     for stage in ("after_sft", "after_rl"):
         assert (4 * summary[stage]["greedy"]).is_integer() and 0 <= summary[stage]["sampled"] <= 1
     assert "| after rl |" in script.table(summary)
+
+    again = script.pipeline(script.parse_args(["--out", str(tmp_path / "again"), "--sft", str(out / "sft"), *argv[2:]]))
+    assert again["after_sft"] == summary["after_sft"]  # the same SFT run, evaluated with the same seeds
+    assert not (tmp_path / "again" / "sft").exists() and (tmp_path / "again" / "rl" / "curves.png").is_file()
