@@ -81,7 +81,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rl-steps", type=int, default=150)
     p.add_argument("--rl-lr", type=float, default=1e-4)
     p.add_argument("--eval-limit", type=int, default=200, help="held-out problems of the final evaluations")
-    p.add_argument("--sft", default=None, metavar="RUN", help="start RL from this SFT run (stages 1-3 skipped)")
+    p.add_argument("--sft", default=None, metavar="RUN", help="start RL from this SFT run (stages 1-3 skipped; "
+                   "give its --thinking too: 0 caps replies at 16 tokens, else 96)")  # fmt: skip
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="more settings for gpt2lab rl")
     return p.parse_args(argv)
 
@@ -106,7 +107,7 @@ def pipeline(args: argparse.Namespace) -> dict:
         sys.exit(f"--sft {args.sft} is inside --out {out}, which is replaced: copy it elsewhere first")
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
-    max_new = "16" if args.thinking == 0 else "96"
+    max_new = 16 if args.thinking == 0 else 96  # a direct answer is a few tokens; a worked one about 56
     sft_run = Path(args.sft) if args.sft else sft_stages(args, out)
     before = evaluate(sft_run, out / "eval-sft.json", args.eval_limit, max_new)
     rl = ["rl.digits=2", f"train.max_steps={args.rl_steps}", "rl.prompts_per_step=8", "rl.group_size=8",
