@@ -703,7 +703,10 @@ def train(cfg: RunConfig, run_dir: str | Path, resume: bool = False) -> Path | N
                 f"{cfg.train.total_batch:,} tokens per step",
             )
         with StopSignals() as stop:
-            return loop(run, stop)
+            last = loop(run, stop)
+        if info.is_distributed:  # no rank tears the group down while a peer still talks to it (gloo may abort)
+            dist.barrier()
+        return last
     finally:
         dcp_checkpoint.finish_pending()  # train.async_save: the last checkpoint gets its name before the run ends
         destroy_distributed()
