@@ -40,7 +40,7 @@ def torchrun(*argv: str) -> subprocess.CompletedProcess:
     """`gpt2lab ARGV` on 2 gloo ranks."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "gpt2lab", *argv]
     out = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.returncode == 0, out.stdout[-1500:] + out.stderr[-3000:]  # how far each rank got, and why it stopped
     return out
 
 

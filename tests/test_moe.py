@@ -393,7 +393,7 @@ def test_ddp_ranks_share_the_loads_and_match_one_process(tmp_path, shakespeare_d
          "train", str(cfg), "--run-dir", str(tmp_path / "ddp")],
         env=env, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
-    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    assert ddp.returncode == 0, ddp.stdout[-1500:] + ddp.stderr[-3000:]  # how far each rank got, and why it stopped
     assert main(["train", str(cfg), "--run-dir", str(tmp_path / "one")]) == 0
     assert read_metrics(tmp_path / "ddp", "moe_load") == read_metrics(tmp_path / "one", "moe_load")
     one, two = (ckpt.load_model(ckpt.find_latest(tmp_path / run)) for run in ("one", "ddp"))
