@@ -5,21 +5,14 @@ On a CPU it runs with --quick (toy models, no CUDA graph): the same commands and
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import subprocess
 import sys
 
 from tests.conftest import REPO
+from tests.scripts.conftest import load_script
 
 SCRIPT = REPO / "scripts" / "gpu_check.py"
-
-
-def _script():
-    spec = importlib.util.spec_from_file_location("gpu_check", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_the_check_script_passes_on_a_toy_run(tmp_path):
@@ -37,7 +30,7 @@ def test_the_check_script_passes_on_a_toy_run(tmp_path):
 
 
 def test_the_comparisons_fail_on_a_real_difference(tmp_path, capsys):
-    check = _script()
+    check = load_script("gpu_check")
     c = check.Checks(tmp_path)
     curve = {s: 10.0 - 0.1 * s for s in range(1, 31)}
     check.same_curve(c, "same", dict(curve), curve, range(16, 31))

@@ -2,25 +2,15 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 
-from tests.conftest import REPO
-
-SCRIPT = REPO / "scripts" / "rl_arith.py"
-
-
-def _script():
-    spec = importlib.util.spec_from_file_location("rl_arith", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from tests.scripts.conftest import load_script
 
 
 def test_the_rl_arith_pipeline_runs_at_toy_size(tmp_path):
     """Data with a share of thinking, a tokenizer, a base model, SFT, eval, RL, eval, plot: every stage's output
     is there and the summary holds the evaluations (shares of 4 held-out problems)."""
-    script = _script()
+    script = load_script("rl_arith")
     argv = ["--out", str(tmp_path / "out"), "--thinking", "0.5", "--n", "64", "--n-layer", "1", "--n-embd", "32",
             "--sft-steps", "2", "--rl-steps", "2", "--eval-limit", "4", "--set", "rl.eval_problems=2"]  # fmt: skip
     summary = script.pipeline(script.parse_args(argv))

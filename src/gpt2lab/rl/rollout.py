@@ -22,10 +22,10 @@ import random
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 
 from gpt2lab.chat.template import render_prompt, split_reply
 from gpt2lab.errors import Gpt2LabError
+from gpt2lab.eval.common import all_reduce_sum
 from gpt2lab.generate import generate_ids
 from gpt2lab.rl.grpo import entropy, group_advantages, policy_loss, token_logprobs
 
@@ -136,10 +136,9 @@ class RolloutLoader:
         if self.entropies:
             out["entropy"], self.entropies = sum(self.entropies) / len(self.entropies), []
         if self.world_size > 1:  # every rank sampled an equal share: the step's figure is the mean of theirs
-            keys = sorted(k for k in out if not k.startswith("eval_"))  # the evaluations are over all ranks already
-            t = torch.tensor([out[k] for k in keys], dtype=torch.float64, device=next(self.model.parameters()).device)
-            dist.all_reduce(t)
-            out |= {k: v / self.world_size for k, v in zip(keys, t.tolist())}
+            local = {k: out[k] for k in sorted(out) if not k.startswith("eval_")}  # evaluations span all ranks already
+            summed = all_reduce_sum(local, next(self.model.parameters()).device, self.world_size)
+            out |= {k: v / self.world_size for k, v in summed.items()}
         return out
 
     def next_batch(self) -> tuple:
