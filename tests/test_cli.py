@@ -95,7 +95,9 @@ def test_bad_sampling_arguments(capsys, checkpoint, args, message):
 
 
 def test_bad_model_arguments(capsys, tmp_path, checkpoint):
-    assert "no such folder, and not a GPT-2 name" in error(capsys, "sample", "--model", tmp_path / "nope")
+    assert f"no such folder (looked for {tmp_path / 'nope'})" in error(capsys, "sample", "--model", tmp_path / "nope")
+    assert "no such folder (looked for" in error(capsys, "sample", "--model", "gpt2-mediun")  # a typo: not the hub
+    assert "and not a GPT-2 name (gpt2, gpt2-medium" in error(capsys, "sample", "--model", "gpt2-mediun")
     empty = tmp_path / "empty"
     empty.mkdir()
     assert "not a gpt2lab checkpoint, run folder or Hugging Face folder" in error(capsys, "sample", "--model", empty)
@@ -258,3 +260,16 @@ def test_under_torchrun_only_rank_0_prints_the_error(capsys, monkeypatch, tmp_pa
         assert err.startswith(f"error: {tmp_path / 'nope'}: no such folder") and err.count("\n") == 1
     else:
         assert err == ""
+
+
+def test_export_help_names_every_family_it_writes(capsys):
+    """gpt2lab.hf.export_hf writes GPT-2, Llama, Qwen3, Qwen3-MoE, Mixtral or DeepSeek-V3, as the model is."""
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    summary = " ".join(capsys.readouterr().out.split())  # the command list's one line
+    with pytest.raises(SystemExit):
+        main(["export", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for family in ("GPT-2", "Llama", "Qwen3", "Qwen3-MoE", "Mixtral", "DeepSeek-V3"):
+        assert family in text, f"export --help does not name {family}"
+    assert "GPT-2 folder" not in summary  # not GPT-2 only

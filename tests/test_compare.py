@@ -86,10 +86,41 @@ def test_plot_several_runs_prints_the_table_and_draws_two_panels(runs, tmp_path,
     assert list({line.get_label(): line for line in by_time.get_lines()}["a"].get_xdata()) == [0.0, 1.5, 4.5]
 
 
-def test_plot_one_run_keeps_the_four_panel_plot(runs, capsys):
+def test_plot_one_run_draws_its_curves_not_a_comparison(runs, capsys):
     assert main(["plot", str(runs[0])]) == 0
     assert "tokens to target" not in capsys.readouterr().out
     assert (runs[0] / "curves.png").read_bytes()[:8] == PNG
+
+
+def _log(run: Path, *records: dict) -> None:
+    with (run / "metrics.jsonl").open("a") as f:
+        f.writelines(json.dumps(r) + "\n" for r in records)
+
+
+def test_plot_one_run_draws_only_the_panels_it_logged(runs, tmp_path, monkeypatch, capsys):
+    import matplotlib.figure
+
+    titles, savefig = [], matplotlib.figure.Figure.savefig
+
+    def keep_titles(fig, *args, **kwargs):  # the figure as drawn, whatever function draws it
+        titles.append([ax.get_title() for ax in fig.axes if ax.get_title()])
+        return savefig(fig, *args, **kwargs)
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", keep_titles)
+    run = runs[0]  # train and val loss only
+    assert main(["plot", str(run)]) == 0 and titles[-1] == ["loss"]
+    _log(run, {"step": 5, "lr": 1e-3, "tokens_per_s": 1000.0, "mfu": 0.1})  # no HellaSwag: no empty panel for it
+    assert main(["plot", str(run)]) == 0 and titles[-1] == ["loss", "learning rate", "throughput"]
+    _log(run, {"step": 20, "hellaswag": 0.3})
+    assert main(["plot", str(run)]) == 0 and titles[-1] == ["loss", "HellaSwag", "learning rate", "throughput"]
+    rl = tmp_path / "rl"
+    rl.mkdir()
+    _log(rl, {"step": 1, "reward": 0.5, "completion_len": 9.0, "tokens_per_s": 10.0})
+    assert main(["plot", str(rl)]) == 0 and titles[-1] == ["reward", "completion length", "throughput"]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "metrics.jsonl").write_text("")
+    assert main(["plot", str(empty)]) == 2 and "nothing logged yet" in capsys.readouterr().err
 
 
 def test_a_folder_that_is_not_a_run_is_one_clear_error(runs, tmp_path, capsys):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,7 @@ from gpt2lab.loading import load_model
 from gpt2lab.model import GPT, GPTConfig
 from gpt2lab.tokenizer import get_tokenizer
 from tests.conftest import REPO, SHARED_DATA
+from tests.test_readme import readme_commands
 
 NOTEBOOK = REPO / "examples" / "inference.ipynb"
 CHAT_SAMPLING = {"temperature": 0.7, "top_k": 50, "seed": 1}  # as in the notebook's chat cell
@@ -59,23 +61,33 @@ def models(tmp_path_factory) -> dict[str, Path]:
     return {"base": root / "base", "chat": root / "chat"}
 
 
+def _from_repo(path: Path) -> str:
+    """The path relative to the repository root, as a user writes runs/shakespeare (here often via ../..)."""
+    return os.path.relpath(path, REPO)
+
+
+def _env(models: dict[str, Path], ipython_dir: Path) -> dict[str, str]:
+    return {
+        **os.environ,
+        "GPT2LAB_MODEL": _from_repo(models["base"]),
+        "GPT2LAB_CHAT_MODEL": _from_repo(models["chat"]),
+        "GPT2LAB_MIRROR": str(SHARED_DATA),
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": str(Path(gpt2lab.__file__).parents[1]),  # the gpt2lab this test imports
+        "IPYTHONDIR": str(ipython_dir),
+    }
+
+
 @pytest.fixture(scope="module")
 def executed(models, tmp_path_factory) -> dict:
     """The notebook's cells by id, after running it in a fresh python3 kernel (ipykernel) in an empty folder."""
     from nbclient import NotebookClient
 
-    cwd = tmp_path_factory.mktemp("notebook")
-    env = {
-        **os.environ,
-        "GPT2LAB_MODEL": str(models["base"]),
-        "GPT2LAB_CHAT_MODEL": str(models["chat"]),
-        "GPT2LAB_MIRROR": str(SHARED_DATA),
-        "OMP_NUM_THREADS": "1",
-        "PYTHONPATH": str(Path(gpt2lab.__file__).parents[1]),  # the gpt2lab this test imports
-        "IPYTHONDIR": str(cwd / ".ipython"),
-    }
-    nb = _read()
-    client = NotebookClient(nb, timeout=120, kernel_name="python3", resources={"metadata": {"path": str(cwd)}})
+    env = {**_env(models, tmp_path_factory.mktemp("ipython")), "GPT2LAB_MIRROR": _from_repo(SHARED_DATA)}
+    nb = _read()  # run where Jupyter runs it, in examples/, with paths relative to the repository root
+    client = NotebookClient(
+        nb, timeout=120, kernel_name="python3", resources={"metadata": {"path": str(NOTEBOOK.parent)}}
+    )
     client.execute(env=env)  # a cell that raises fails here, with its traceback
     return {c.id: c for c in nb.cells}
 
@@ -119,3 +131,15 @@ def test_it_chats_two_turns_and_shows_the_prompt_the_model_reads(executed, model
     rendered = _stdout(executed["render"])
     assert rendered == f"{len(ids)} tokens: {ids[:8]} ... {ids[-4:]}\n{tok.decode(ids)}\n"
     assert rendered.endswith("<|user_start|>And of Italy?<|user_end|><|assistant_start|>\n")
+
+
+def test_the_readmes_headless_command_runs_the_notebook(models, tmp_path):
+    """The README's nbconvert line, run from the repository root with the run folders it names, prints every cell."""
+    line = next(c for c in readme_commands() if "nbconvert" in c)
+    line = line.replace("runs/shakespeare", _from_repo(models["base"])).replace("runs/chat", _from_repo(models["chat"]))
+    out = subprocess.run(line, shell=True, cwd=REPO, env=_env(models, tmp_path), capture_output=True, text=True,
+                         timeout=300)  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    model = load_model(str(models["base"]))
+    assert f"{models['base']}: {model.num_params(non_embedding=False):,} parameters" in out.stdout
+    assert "--- sample 2" in out.stdout and "you: " in out.stdout

@@ -7,6 +7,8 @@ import json
 import shlex
 from pathlib import Path
 
+import pytest
+
 import gpt2lab
 from gpt2lab.cli import main
 from tests.test_train import shakespeare_data, write_config  # noqa: F401 (fixtures)
@@ -90,3 +92,43 @@ def test_no_module_imports_one_that_imports_it_back():
     assert "gpt2lab.loading" not in graph["gpt2lab.hf"]  # data flows one way: loading -> hf
     cycles = sorted(sorted(c) for c in _cycles(graph))
     assert not cycles, f"modules that import each other (lazily counts too): {cycles}"
+
+
+HUB_IDS = ["openai-community/gpt2", "Qwen/Qwen3-0.6B", "gpt2", "HuggingFaceTB/SmolLM2-135M"]
+LOCAL = ["runs/nonexistent", "runs/a/b", "./model", "../model", "/no/such/model", "~/no-such-model-x", "a/b/c",
+         "my model/x", "runs\\x", "a--b/c"]  # fmt: skip
+
+
+def test_a_path_that_does_not_exist_says_no_such_folder_and_never_asks_the_hub(tmp_path, monkeypatch):
+    from gpt2lab import loading
+    from gpt2lab.errors import Gpt2LabError
+
+    asked = []
+
+    def download(repo_id):  # the hub, offline: what the user met before
+        asked.append(repo_id)
+        raise Gpt2LabError(f"could not fetch {repo_id!r} from the Hugging Face hub")
+
+    monkeypatch.setattr(loading, "download", download)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()  # `runs/...` names a folder under it, not a hub repository
+    for spec in LOCAL:
+        with pytest.raises(Gpt2LabError) as e:
+            loading.resolve(spec)
+        where = Path(spec).expanduser().resolve()  # where it looked, as an absolute path
+        assert str(e.value).startswith(f"{spec}: no such folder") and str(where) in str(e.value), str(e.value)
+    assert asked == []
+    for spec in HUB_IDS:  # hub-shaped names still go to the hub
+        with pytest.raises(Gpt2LabError, match="could not fetch"):
+            loading.resolve(spec)
+    assert asked == HUB_IDS
+
+
+def test_the_cli_says_which_folder_it_looked_for_in_one_line(tmp_path, monkeypatch, capsys):
+    from gpt2lab import loading
+
+    monkeypatch.setattr(loading, "download", lambda repo_id: pytest.fail(f"asked the hub for {repo_id}"))
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()
+    err = _error(capsys, "sample", "--model", "runs/nonexistent")
+    assert err == f"error: runs/nonexistent: no such folder (looked for {tmp_path / 'runs' / 'nonexistent'})\n"

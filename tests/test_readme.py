@@ -133,3 +133,71 @@ def test_cheap_readme_commands_run_as_written(tmp_path, shared_data):
             api = subprocess.run([sys.executable, "-c", python_api.group(1)], cwd=tmp_path, env=env,
                                  capture_output=True, text=True, timeout=600)  # fmt: skip
             assert api.returncode == 0, f"README Python API snippet failed:\n{api.stderr[-2000:]}"
+
+
+# ----------------------------------------------------------------------------- what the commands write, and link
+
+WRITE_FLAGS = ("--out", "--run-dir", "--out-dir", "--runs-dir")
+
+
+def written_paths(command: str) -> list[str]:
+    """The relative paths a README command writes into: the value of an output flag, or export's OUT_DIR."""
+    words = shlex.split(command)
+    paths = [words[i + 1] for i in range(len(words) - 1) if words[i] in WRITE_FLAGS]
+    argv = gpt2lab_argv(command)
+    if argv and argv[0] == "export" and len(argv) > 2:
+        paths.append(argv[2])
+    return [p for p in paths if not p.startswith(("/", "$", "~"))]
+
+
+def test_git_ignores_every_folder_the_readme_commands_write_into():
+    """A user who runs the README's commands in the clone sees a clean `git status`."""
+    paths = sorted({p for c in readme_commands() for p in written_paths(c)})
+    assert {"tok/gutenberg-16k", "runs/chat", "data/shakespeare"} <= set(paths)  # the extraction finds them
+    out = subprocess.run(["git", "check-ignore", "--no-index", *paths], cwd=REPO, capture_output=True, text=True)
+    ignored = set(out.stdout.split())
+    assert ignored == set(paths), f"README commands write into paths git does not ignore: {set(paths) - ignored}"
+
+
+def test_every_image_the_docs_link_exists_in_the_repository():
+    pages = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+    links = [(page, link) for page in pages for link in re.findall(r"!\[[^\]]*\]\(([^)\s]+)\)", page.read_text())]
+    assert links, "the docs link no image (update this test if that is intended)"
+    tracked = set(subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True).stdout.split())
+    for page, link in links:
+        path = (page.parent / link).resolve().relative_to(REPO).as_posix()
+        assert path in tracked, f"{page.name} shows {link}, which is not in the repository"
+
+
+def github_anchor(heading: str) -> str:
+    """GitHub's id for a heading: lower case, punctuation dropped (hyphens kept), spaces to hyphens."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def test_every_link_to_a_section_names_a_heading_that_exists():
+    pages = {p.name: p.read_text() for p in [REPO / "README.md", REPO / "BENCHMARKS.md", *(REPO / "docs").glob("*.md")]}
+    anchors = {name: {github_anchor(h) for h in re.findall(r"^#+ (.+)$", text, re.M)} for name, text in pages.items()}
+    links = [(name, m) for name, text in pages.items() for m in re.findall(r"\]\(([\w./-]*)#([\w-]+)\)", text)]
+    assert len(links) > 5
+    for name, (target, anchor) in links:
+        target_name = Path(target).name if target else name
+        assert anchor in anchors[target_name], f"{name} links to {target or name}#{anchor}, which has no such heading"
+
+
+def test_the_first_screens_sample_command_prints_no_warning(tmp_path, shared_data):
+    """The zero-to-chatbot `gpt2lab sample`, on a model of its preset's shape, writes nothing to stderr."""
+    import torch
+
+    from gpt2lab.checkpoint import save_model
+    from gpt2lab.config import load_config
+    from gpt2lab.model import GPT
+
+    command = next(c for c in _section("main-command").splitlines() if c.startswith("gpt2lab sample"))
+    command = re.sub(r"\s+#\s.*$", "", command)
+    run = shlex.split(command)[shlex.split(command).index("--model") + 1]  # runs/shakespeare
+    torch.manual_seed(0)
+    save_model(GPT(load_config(REPO / "configs" / f"{Path(run).name}.toml").model), tmp_path / run)
+    env = {**os.environ, "GPT2LAB_MIRROR": str(shared_data), "OMP_NUM_THREADS": "1"}
+    out = subprocess.run(command, shell=True, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0 and out.stdout.startswith("ROMEO:"), out.stderr
+    assert out.stderr == "", f"the README's sample command warns: {out.stderr}"

@@ -12,6 +12,7 @@ import os
 import sys
 
 from gpt2lab import __version__
+from gpt2lab.chat.limits import DEFAULT_TEMPERATURE, DEFAULT_TOP_K
 from gpt2lab.errors import Gpt2LabError
 
 DTYPES = ["float32", "bfloat16", "float16"]  # --dtype's choices (gpt2lab.loading.DTYPES, without importing torch)
@@ -53,7 +54,13 @@ def run_sample(args: argparse.Namespace) -> int:
 
 
 def add_export(sub) -> None:
-    p = sub.add_parser("export", help="write a checkpoint as a Hugging Face GPT-2 folder")
+    p = sub.add_parser(
+        "export", help="write a checkpoint as a Hugging Face folder (GPT-2, Llama, Qwen3, MoE, DeepSeek-V3)",
+        description="Write a checkpoint as a Hugging Face folder that transformers loads. The family follows the "
+        "model's [model] switches (gpt2lab.hf.export_hf): GPT-2 (the defaults), Llama (RoPE, RMSNorm, SwiGLU, no "
+        "bias), Qwen3 (+ qk_norm), Qwen3-MoE or Mixtral (mixture of experts), DeepSeek-V3 (attention = mla); a "
+        "model that is none of them is refused, naming the switch.",
+    )  # fmt: skip
     p.add_argument("checkpoint", help="a gpt2lab checkpoint or run folder (or any --model spec)")
     p.add_argument("out_dir", help="the Hugging Face folder to write")
     p.add_argument("--tokenizer", default=None, help=TOKENIZER_HELP + " (copied)")
@@ -91,6 +98,8 @@ def run_consolidate(args: argparse.Namespace) -> int:
 
 
 def add_data(sub) -> None:
+    from gpt2lab.rl.tasks import ARITH_DIGITS  # a light module (no torch): one default for data, eval and rl
+
     p = sub.add_parser("data", help="tokenize a text source into shards; describe a prepared dataset")
     dsub = p.add_subparsers(dest="data", required=True)
     prep = dsub.add_parser("prepare", help="tokenize a source into llm.c-format shards plus manifest.json")
@@ -120,7 +129,7 @@ def add_data(sub) -> None:
     arith = dsub.add_parser("arith", help="write synthetic arithmetic conversations (JSONL) for gpt2lab sft")
     arith.add_argument("--out", required=True, help="the JSONL file to write")
     arith.add_argument("--n", type=int, default=5000, help="conversations (train-split problems)")
-    arith.add_argument("--digits", type=int, default=2, help="digits per operand")
+    arith.add_argument("--digits", type=int, default=ARITH_DIGITS, help="digits per operand")
     arith.add_argument("--ops", default="+", help="operations drawn from: +, * or +*")
     arith.add_argument(
         "--thinking", nargs="?", type=float, const=1.0, default=0.0, metavar="SHARE",
@@ -283,6 +292,8 @@ def _eval_wikitext_args(p: argparse.ArgumentParser) -> None:
 
 
 def add_eval(sub) -> None:
+    from gpt2lab.rl.tasks import ARITH_DIGITS  # the default of gpt2lab data arith and rl.digits too
+
     p = sub.add_parser("eval", help="evaluate a model: HellaSwag, loss, WikiText-2, LAMBADA, all, GSM8K, arith")
     esub = p.add_subparsers(dest="eval", required=True)
     h = esub.add_parser("hellaswag", help="HellaSwag val accuracy (acc, acc_norm)")
@@ -314,7 +325,7 @@ def add_eval(sub) -> None:
     g.add_argument("--data", default=None, metavar="PATH", help="a folder of train/test.jsonl (default: the mirror's)")
     _eval_generative_args(g)
     ar = esub.add_parser("arith", help="synthetic addition/multiplication, answers written and graded")
-    ar.add_argument("--digits", type=int, default=3, help="digits of each operand (the difficulty)")
+    ar.add_argument("--digits", type=int, default=ARITH_DIGITS, help="digits of each operand (the difficulty)")
     ar.add_argument("--ops", default="+", help="operators drawn from: +, *, or both (+*)")
     ar.add_argument("--task-seed", type=int, default=0, help="which problems (test never meets train, any seed)")
     _eval_generative_args(ar)
@@ -327,7 +338,9 @@ def _eval_generative_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--limit", type=int, default=None, help="only the first N problems")
     p.add_argument("--samples", type=int, default=1, help="also N sampled replies per problem: pass@k up to k=N")
     p.add_argument("--temperature", type=float, default=1.0, help="of the sampled replies (pass@1 is greedy)")
-    p.add_argument("--max-new-tokens", type=int, default=256, help="longest reply, thinking included")
+    p.add_argument("--max-new-tokens", type=int, default=None,
+                   help="longest reply, thinking included (default, and at most: what the model's context leaves "
+                   "after the prompt)")  # fmt: skip
     p.add_argument("--seed", type=int, default=0, help="sampling seed (problem i uses seed + i)")
     p.add_argument("--prompt-format", default="auto", choices=["auto", "chat", "plain"],
                    help="chat template or plain transcript (auto: chat for a model from gpt2lab sft)")  # fmt: skip
@@ -482,8 +495,8 @@ def add_chat(sub) -> None:
     p.add_argument("--model", required=True, help="a run folder from gpt2lab sft, a checkpoint or an exported folder")
     p.add_argument("--system", default=None, help="the system message")
     p.add_argument("--max-new-tokens", type=int, default=256, help="most tokens per reply")
-    p.add_argument("--temperature", type=float, default=0.7, help="0 = greedy")
-    p.add_argument("--top-k", type=int, default=50, help="sample only from the k most likely tokens")
+    p.add_argument("--temperature", type=float, default=DEFAULT_TEMPERATURE, help="0 = greedy (serve's default too)")
+    p.add_argument("--top-k", type=int, default=DEFAULT_TOP_K, help="sample only from the k most likely tokens")
     p.add_argument("--top-p", type=float, default=None, help="nucleus sampling threshold in (0, 1]")
     p.add_argument("--seed", type=int, default=None, help="the same seed gives the same replies (default: random)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps (default: best available)")
@@ -525,7 +538,9 @@ def add_serve(sub) -> None:
     p.add_argument("--api-key", default=None, help="require Authorization: Bearer KEY on /v1 (or GPT2LAB_API_KEY)")
     p.add_argument("--insecure-no-auth", action="store_true", help="serve a non-local address without a key")
     p.add_argument("--cors-origin", action="append", default=[], help="allow browser calls from ORIGIN (repeatable)")
-    p.add_argument("--served-model-name", default="gpt2lab", help="the model id in /v1/models and responses")
+    p.add_argument(
+        "--served-model-name", default=None, help="the model id in /v1/models and responses (default: the run's name)"
+    )
     p.add_argument("--max-batch", type=int, default=16, help="sequences decoded together (KV cache slots)")
     p.add_argument("--max-queue", type=int, default=64, help="sequences waiting for a slot; beyond: 503")
     p.add_argument(

@@ -230,6 +230,39 @@ def tuning_schedule(config: Config, lr: float, warmup_fraction: float, min_lr_ra
     o.warmup_steps, o.decay_steps = round(warmup_fraction * steps), steps
 
 
+# {[optim] key a tuning schedule replaces: (the key that sets it in that stage, None when none does; None when a
+# user's value carries over to that key as it is, else why it does not)}. Refused, never silently dropped.
+Replaced = dict[str, tuple[str | None, str | None]]
+
+
+def refuse_replaced_optim(values: dict, sets: dict[str, str], source: str, command: str, replaced: Replaced) -> None:
+    """One error for each [optim] key in ``replaced`` that the user set, in the TOML (``values``) or with --set,
+    naming the key to use instead: `gpt2lab sft --set optim.lr=3e-3` trained at sft.lr's default, unsaid.
+    Only the user's own TOML and --set count; [optim]'s other keys (betas, grad_clip...) are honoured."""
+    given = {k: (v, None) for k, v in values.get("optim", {}).items()}
+    given |= {k.removeprefix("optim."): (v, "--set") for k, v in sets.items() if k.startswith("optim.")}
+    problems = [
+        _replaced(key, value, origin or source, command, *replaced[key])
+        for key, (value, origin) in given.items()
+        if key in replaced
+    ]
+    if problems:
+        raise Gpt2LabError("; ".join(problems))
+
+
+def _replaced(key: str, value: object, origin: str, command: str, target: str | None, meaning: str | None) -> str:
+    where = "" if origin == "--set" else f"{origin}: "
+    if target is None:
+        return f"{where}optim.{key} has no effect in gpt2lab {command} ({meaning}): remove it"
+    said = f"{where}optim.{key} is set by {target} in gpt2lab {command}"
+    if meaning is not None:  # another unit (warmup steps vs a share of the run): no value to copy
+        return f"{said} ({meaning}): set {target} instead"
+    section, _, bare = target.partition(".")
+    if origin == "--set":
+        return f"{said}: use --set {target}={value}"
+    return f"{said}: write {bare} = {_toml_value(value)} in [{section}]"
+
+
 def load_config(path: str | Path, sets: Iterable[str] = ()) -> Config:
     """Read a TOML preset and apply --set overrides."""
     values = read_toml(path, " (the presets are in configs/)")

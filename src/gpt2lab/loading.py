@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import re
 import shlex
 from pathlib import Path
 
@@ -15,6 +17,9 @@ from gpt2lab.model import GPT
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 RUN_FILES = ("checkpoints", "config.toml", "metrics.jsonl")  # what `gpt2lab train` writes into a run folder
+# a hub repository id, as huggingface_hub validates it: owner/name, each part letters, digits, - _ . (no leading
+# or trailing - or .), at most 96 characters per part; "--" and ".." are refused there too (see is_hub_id)
+HUB_ID = re.compile(r"[A-Za-z0-9](?:[\w.-]{0,94}[A-Za-z0-9])?/[A-Za-z0-9](?:[\w.-]{0,94}[A-Za-z0-9])?", re.ASCII)
 
 
 def is_run_folder(path: Path) -> bool:
@@ -49,10 +54,32 @@ def resolve(spec: str) -> tuple[str, Path]:
         raise Gpt2LabError(f"{path}: not a gpt2lab checkpoint, run folder or Hugging Face folder (no config.json)")
     if path.exists():
         raise Gpt2LabError(f"{path}: is a file; --model takes a folder or a GPT-2 name")
-    looks_like_repo = spec.count("/") == 1 and not spec.startswith((".", "/", "~"))
-    if spec in HUB_NAMES or looks_like_repo:
-        return "hf", download(spec)
-    raise Gpt2LabError(f"{spec}: no such folder, and not a GPT-2 name ({', '.join(HUB_NAMES)})")
+    return "hf", from_hub(spec, path)
+
+
+def from_hub(spec: str, path: Path) -> Path:
+    """The downloaded folder of a spec that is no local folder: only a GPT-2 name or an owner/name hub id is
+    asked for; any other spec is a path, and the error says where it was looked for."""
+    looked = f"{spec}: no such folder (looked for {path.resolve()})"
+    if spec in HUB_NAMES:
+        return download(spec)
+    if is_hub_id(spec):
+        try:
+            return download(spec)
+        except Gpt2LabError as e:  # owner/name may have been meant as a folder here: say both
+            raise Gpt2LabError(f"{looked}, and {e}") from None
+    if "/" in spec or os.sep in spec:
+        raise Gpt2LabError(looked)
+    raise Gpt2LabError(f"{looked}, and not a GPT-2 name ({', '.join(HUB_NAMES)})")
+
+
+def is_hub_id(spec: str) -> bool:
+    """True if spec can only mean a hub repository "owner/name": it has the hub's shape, and its owner is no
+    local folder. Anything else that names a path (./x, ~/x, /x, runs/x with runs/ here, a/b/c) is looked
+    for on disk only, so a missing folder is reported as one instead of as a failed download."""
+    if not HUB_ID.fullmatch(spec) or "--" in spec or ".." in spec:
+        return False
+    return not Path(spec.split("/")[0]).is_dir()
 
 
 def load_model(spec: str, device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None) -> GPT:

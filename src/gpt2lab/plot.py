@@ -1,8 +1,9 @@
 """`gpt2lab plot RUN_DIR`: a run's curves from metrics.jsonl, drawn to a PNG with matplotlib.
 
-Four panels: train and val loss, HellaSwag accuracy, learning rate, throughput (tokens/s, with
-MFU on a second axis when the run logged it); an RL run draws its rewards (rollouts and held-out) and
-completion lengths in place of the first two. Panels without data say so instead of vanishing.
+Up to four panels: train and val loss, HellaSwag accuracy, learning rate, throughput (tokens/s, with
+MFU on a second axis when the run logged it); an RL run draws its rewards (rollouts and held-out),
+completion lengths and exploration in place of the first three. Only what the run logged is drawn: a
+run without HellaSwag evaluations has no HellaSwag panel.
 `gpt2lab plot RUN RUN ...` compares runs instead: the table of ``gpt2lab.compare`` on stdout and
 their val loss against tokens and against training time, two panels on one PNG.
 Matplotlib runs on its Agg backend, so no display is needed.
@@ -13,8 +14,51 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from typing import NamedTuple
 
 from gpt2lab.errors import Gpt2LabError
+
+
+class Panel(NamedTuple):
+    """One panel of `gpt2lab plot RUN_DIR`: its curves as (metric, label), its title and y label."""
+
+    keys: list[tuple[str, str]]
+    title: str
+    ylabel: str
+
+
+THROUGHPUT = Panel([("tokens_per_s", "tokens/s")], "throughput", "tokens/s")
+TRAIN_PANELS = [
+    Panel([("train_loss", "train"), ("val_loss", "val")], "loss", "cross-entropy (nats)"),
+    Panel([("hellaswag", "acc_norm")], "HellaSwag", "accuracy"),
+    Panel([("lr", "learning rate")], "learning rate", "lr"),
+    THROUGHPUT,
+]
+RL_PANELS = [  # an RL run (gpt2lab rl): rewards in place of losses, lengths in place of HellaSwag
+    Panel(
+        [
+            ("reward", "rollout reward"),
+            ("pass_rate", "rollout pass rate"),
+            ("eval_reward", "held-out (greedy)"),
+            ("eval_sampled_reward", "held-out (sampled)"),
+        ],
+        "reward",
+        "mean reward / accuracy",
+    ),
+    Panel([("completion_len", "completion"), ("thinking_len", "thinking")], "completion length", "tokens"),
+    Panel(
+        [("entropy", "entropy (nats per token)"), ("equal_groups", "share of all-equal groups")],
+        "exploration",
+        "nats / share",
+    ),
+    THROUGHPUT,  # the lr is constant in RL: no lr panel
+]
+
+
+def pick_panels(series: dict) -> list[Panel]:
+    """The panels of the metrics this run logged, in order (an empty panel tells the reader nothing)."""
+    panels = RL_PANELS if "reward" in series else TRAIN_PANELS
+    return [p for p in panels if any(series.get(key) for key, _ in p.keys)]
 
 
 def read_metrics(path: Path) -> dict[str, list[tuple[int, float]]]:
@@ -36,23 +80,21 @@ def read_metrics(path: Path) -> dict[str, list[tuple[int, float]]]:
     return {k: sorted(v.items()) for k, v in series.items()}
 
 
-def _draw(ax, series: dict, keys: list[tuple[str, str]], title: str, ylabel: str, log: bool = False) -> None:
-    drawn = False
-    for key, label in keys:
+def _draw(ax, series: dict, panel: Panel) -> None:
+    for key, label in panel.keys:
         if series.get(key):
             steps, values = zip(*series[key])
             ax.plot(steps, values, label=label, marker="o" if len(steps) < 30 and key != "train_loss" else None)
-            drawn = True
-    ax.set_title(title)
+    ax.set_title(panel.title)
     ax.set_xlabel("step")
-    ax.set_ylabel(ylabel)
-    if drawn:
-        ax.legend()
-        ax.grid(alpha=0.3)
-        if log:
-            ax.set_yscale("log")
-    else:
-        ax.text(0.5, 0.5, "not logged in this run", ha="center", va="center", transform=ax.transAxes)
+    ax.set_ylabel(panel.ylabel)
+    ax.legend()
+    ax.grid(alpha=0.3)
+    if panel is THROUGHPUT and series.get("mfu"):
+        twin = ax.twinx()
+        steps, values = zip(*series["mfu"])
+        twin.plot(steps, [100 * v for v in values], color="tab:red", alpha=0.6, label="MFU")
+        twin.set_ylabel("MFU (%)")
 
 
 def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
@@ -64,30 +106,17 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
 
     run_dir = Path(run_dir)
     series = read_metrics(run_dir / "metrics.jsonl")
+    panels = pick_panels(series)
+    if not panels:
+        raise Gpt2LabError(f"{run_dir / 'metrics.jsonl'}: nothing logged yet to plot")
     out = Path(out) if out else run_dir / "curves.png"
-    fig, axes = plt.subplots(2, 2, figsize=(12, 8))
-    if "reward" in series:  # an RL run (gpt2lab rl): rewards in place of losses, lengths in place of HellaSwag
-        rewards = [
-            ("reward", "rollout reward"),
-            ("pass_rate", "rollout pass rate"),
-            ("eval_reward", "held-out (greedy)"),
-            ("eval_sampled_reward", "held-out (sampled)"),
-        ]
-        _draw(axes[0, 0], series, rewards, "reward", "mean reward / accuracy")
-        lengths = [("completion_len", "completion"), ("thinking_len", "thinking")]
-        _draw(axes[0, 1], series, lengths, "completion length", "tokens")
-        spread = [("entropy", "entropy (nats per token)"), ("equal_groups", "share of all-equal groups")]
-        _draw(axes[1, 0], series, spread, "exploration", "nats / share")  # the lr is constant in RL
-    else:
-        _draw(axes[0, 0], series, [("train_loss", "train"), ("val_loss", "val")], "loss", "cross-entropy (nats)")
-        _draw(axes[0, 1], series, [("hellaswag", "acc_norm")], "HellaSwag", "accuracy")
-        _draw(axes[1, 0], series, [("lr", "learning rate")], "learning rate", "lr")
-    _draw(axes[1, 1], series, [("tokens_per_s", "tokens/s")], "throughput", "tokens/s")
-    if series.get("mfu"):
-        twin = axes[1, 1].twinx()
-        steps, values = zip(*series["mfu"])
-        twin.plot(steps, [100 * v for v in values], color="tab:red", alpha=0.6, label="MFU")
-        twin.set_ylabel("MFU (%)")
+    cols = min(len(panels), 2)  # 1 or 2 panels in a row, 3 or 4 in a 2 x 2 grid
+    rows = -(-len(panels) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(6 * cols, 4 * rows), squeeze=False)
+    for ax, panel in zip(axes.flat, panels):
+        _draw(ax, series, panel)
+    for ax in list(axes.flat)[len(panels) :]:  # three panels: the grid's fourth cell stays blank
+        fig.delaxes(ax)
     fig.suptitle(str(run_dir))
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import ast
 import json
+import shlex
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -13,6 +17,7 @@ from gpt2lab.checkpoint import TRAIN_STATE_KEY, save_model
 from gpt2lab.cli import main
 from gpt2lab.model import GPT, GPTConfig
 from gpt2lab.tokenizer import get_tokenizer
+from tests.test_readme import readme_commands
 
 transformers = pytest.importorskip("transformers")
 
@@ -80,3 +85,13 @@ def test_a_base_model_exports_without_the_chat_files(tmp_path):
     assert main(["export", str(tmp_path / "base"), str(tmp_path / "hf")]) == 0
     assert "chat_template" not in json.loads((tmp_path / "hf" / "tokenizer_config.json").read_text())
     assert not (tmp_path / "hf" / "generation_config.json").exists()
+
+
+def test_the_readmes_chat_template_one_liner_prints_gpt2labs_ids(exported):
+    """The README's `apply_chat_template` one-liner, run as written on an exported folder, prints a list of ids
+    (transformers 5 returns a dict unless told `return_dict=False`)."""
+    line = next(c for c in readme_commands() if "apply_chat_template" in c)
+    code = shlex.split(line)[2].replace("'runs/chat-hf'", repr(str(exported)))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True)
+    printed = ast.literal_eval(out.stdout.strip())
+    assert printed == render_prompt([{"role": "user", "content": "hi"}], get_tokenizer())

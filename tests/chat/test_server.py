@@ -119,7 +119,8 @@ def test_a_stop_string_cuts_the_reply_before_it(server, model, tokenizer):
     ids = tokenizer.encode_ordinary("The sea")
     full = expected(model, tokenizer, ids, 20, temperature=1.0, seed=3)
     stop = full[len(full) // 2 : len(full) // 2 + 3]
-    body = {"prompt": "The sea", "max_tokens": 20, "temperature": 1.0, "seed": 3, "stop": [stop, "\x00never"]}
+    sampling = {"temperature": 1.0, "top_k": 0, "seed": 3}  # top_k 0: no top-k, as `expected` samples
+    body = {"prompt": "The sea", "max_tokens": 20, **sampling, "stop": [stop, "\x00never"]}
     choice = httpx.post(server.url + "/v1/completions", json=body, timeout=60).json()["choices"][0]
     assert choice["text"] == full[: full.index(stop)] and choice["finish_reason"] == "stop"
 
@@ -422,6 +423,7 @@ def test_the_serve_command_serves_a_run_folder(tmp_path, tokenizer):
         assert reply["usage"]["completion_tokens"] <= 4 and reply["choices"][0]["finish_reason"] in ("stop", "length")
         page = httpx.get(f"http://127.0.0.1:{port}/")
         assert page.status_code == 200 and "text/html" in page.headers["content-type"]
+        assert httpx.get(f"http://127.0.0.1:{port}/v1/models").json()["data"][0]["id"] == "chat"  # the run's name
     finally:
         proc.send_signal(signal.SIGINT)
         out, err = proc.communicate(timeout=30)
@@ -442,3 +444,95 @@ def test_a_thinking_span_is_reasoning_content_apart_from_the_answer(tokenizer):
     assert "".join(p.text for p in pieces[: stopped + 1]) == "12" and pieces[stopped].finish_reason == "stop"
     plain = ReplyText(tokenizer, (), None)  # the completions endpoint: thinking tokens are text
     assert "".join(plain.push(t).text for t in ids[:3]) + plain.flush("stop").text == "<think>7 +"
+
+
+# ----------------------------------------------------------------------------- a new user's first run
+
+
+def _save_run(path) -> None:
+    """A tiny chat model saved as `gpt2lab sft` leaves a run folder."""
+    from gpt2lab.checkpoint import TRAIN_STATE_KEY, save_model
+
+    save_model(tiny_chat_model(BLOCK), path, extra={TRAIN_STATE_KEY: {"config": {"sft": {"data": "x"}}}})
+
+
+def test_a_busy_port_is_one_error_before_the_model_loads(tmp_path, capsys, monkeypatch):
+    import socket
+
+    import gpt2lab.loading
+    from gpt2lab.cli import main
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model was loaded before the port was checked")
+
+    _save_run(tmp_path / "chat")
+    monkeypatch.setattr(gpt2lab.loading, "load_model", no_load)
+    with socket.socket() as taken:  # another server on the port
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        code = main(["serve", "--model", str(tmp_path / "chat"), "--port", str(port), "--device", "cpu"])
+    out, err = capsys.readouterr()
+    assert code == 2 and "serving" not in out, out
+    assert err.startswith("error: ") and err.count("\n") == 1, err  # one line, no traceback
+    assert f"127.0.0.1:{port} is already in use" in err and "--port" in err, err
+
+
+def test_a_request_without_temperature_or_top_k_samples_as_gpt2lab_chat(server, monkeypatch):
+    from gpt2lab.chat.terminal import Sampling as ChatSampling
+
+    seen: list[Sequence] = []
+    submit = server.engine.submit
+    monkeypatch.setattr(server.engine, "submit", lambda seqs: (seen.extend(seqs), submit(seqs))[1])
+    for path, body in (("/v1/chat/completions", {"messages": user("hi")}), ("/v1/completions", {"prompt": "hi"})):
+        assert _post(server, path, json={**body, "max_tokens": 2}).status_code == 200
+    chat = ChatSampling()
+    assert [(s.temperature, s.top_k) for s in seen] == [(chat.temperature, chat.top_k)] * 2
+    from gpt2lab.chat.limits import DEFAULT_TEMPERATURE, DEFAULT_TOP_K  # the one definition both use
+
+    assert (chat.temperature, chat.top_k) == (DEFAULT_TEMPERATURE, DEFAULT_TOP_K) == (0.7, 50)
+    seen.clear()  # top_k 0 turns top-k off (vLLM's convention): the whole distribution stays reachable
+    body = {"messages": user("hi"), "max_tokens": 2, "temperature": 1, "top_k": 0}
+    assert _post(server, "/v1/chat/completions", json=body).status_code == 200
+    assert [(s.temperature, s.top_k) for s in seen] == [(1, None)]
+
+
+def test_max_tokens_that_leave_no_room_for_the_prompt_are_blamed_on_max_tokens(server, tokenizer):
+    text = "hello there, how are you"
+    cases = (
+        ("/v1/chat/completions", {"messages": user(text)}, len(render_prompt(user(text), tokenizer))),
+        ("/v1/completions", {"prompt": text}, len(tokenizer.encode_ordinary(text))),
+    )
+    for path, body, prompt_tokens in cases:
+        r = _post(server, path, json={**body, "max_tokens": BLOCK - 2})
+        error = r.json()["error"]
+        assert r.status_code == 400 and error["param"] == "max_tokens", error
+        assert f"the prompt takes {prompt_tokens} tokens" in error["message"], error["message"]
+        assert f"the model's context is {BLOCK}" in error["message"], error["message"]
+        assert f"at most {BLOCK - prompt_tokens}" in error["message"], error["message"]
+
+
+@pytest.mark.parametrize("content_type", ["text/plain", None])
+def test_a_json_body_without_the_json_content_type_names_the_content_type(server, content_type):
+    body = json.dumps({"messages": user("hi"), "max_tokens": 2}).encode()
+    headers = {"content-type": content_type} if content_type else {}
+    r = _post(server, "/v1/chat/completions", content=body, headers=headers)
+    assert r.status_code == 400, r.text
+    message = r.json()["error"]["message"]
+    assert "Content-Type: application/json" in message and f"(got {content_type or 'none'})" in message, message
+
+
+@pytest.mark.parametrize(
+    "spec, given, name",
+    [
+        ("runs/shakespeare", None, "shakespeare"),
+        ("runs/shakespeare/", None, "shakespeare"),
+        ("runs/chat/checkpoints/step_0000200", None, "chat"),  # a checkpoint of a run: the run's name
+        ("gpt2-medium", None, "gpt2-medium"),
+        ("runs/chat", "my-bot", "my-bot"),  # --served-model-name wins
+    ],
+)
+def test_the_served_model_id_is_the_run_name(spec, given, name):
+    from gpt2lab.chat.server import served_name
+
+    assert served_name(spec, given) == name

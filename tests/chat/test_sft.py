@@ -188,3 +188,27 @@ def test_an_sft_run_on_a_trained_tokenizer_resumes_without_its_base_or_tokenizer
     assert all(torch.equal(w_a[k], w_b[k]) for k in w_a)
     records = [ckpt.read_json(p / ckpt.CONFIG_NAME)[ckpt.TRAIN_STATE_KEY]["tokenizer"] for p in last]
     assert records[0] == records[1] and records[0]["vocab_size"] == 512  # the resumed run records the same one
+
+
+def test_an_optim_key_the_sft_schedule_replaces_is_refused_naming_the_sft_key(tmp_path, capsys):
+    """[sft]'s lr, warmup and floor replace [optim]'s: a user's optim.lr would train at sft.lr's 2e-5 unsaid."""
+    import argparse
+
+    from gpt2lab.chat.sft import sft_config
+
+    base = save_model(GPT(GPTConfig(block_size=16, n_layer=1, n_head=2, n_embd=16)), tmp_path / "base")
+    argv = ["sft", "--model", str(base), "--data", "x.jsonl", "--run-dir", str(tmp_path / "run")]
+    capsys.readouterr()
+    assert main([*argv, "--set", "optim.lr=3e-3"]) == 2
+    assert capsys.readouterr().err == "error: optim.lr is set by sft.lr in gpt2lab sft: use --set sft.lr=3e-3\n"
+    (tmp_path / "c.toml").write_text("[optim]\nwarmup_steps = 10\nbeta2 = 0.99\n")
+    assert main([*argv, str(tmp_path / "c.toml")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {tmp_path / 'c.toml'}: optim.warmup_steps is set by sft.warmup_fraction")
+    assert err.count("\n") == 1 and not (tmp_path / "run").exists()
+    # what the stage does not replace is honoured, and sft.lr is the way to the lr
+    (tmp_path / "c.toml").write_text("[optim]\nbeta2 = 0.99\n")
+    args = argparse.Namespace(config=str(tmp_path / "c.toml"), model=str(base), data=["x.jsonl"], thinking=False,
+                              set=["sft.lr=3e-3", "optim.grad_clip=0.5"])  # fmt: skip
+    cfg = sft_config(args)
+    assert (cfg.optim.lr, cfg.optim.beta2, cfg.optim.grad_clip) == (3e-3, 0.99, 0.5)

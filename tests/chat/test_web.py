@@ -262,3 +262,34 @@ def test_fits_a_phone_screen(browser, live_server, tmp_path):
         assert page.is_visible(element) and box["x"] >= 0 and box["x"] + box["width"] <= 375, element
     page.screenshot(path=str(tmp_path / "phone.png"))
     context.close()
+
+
+@pytest.fixture(scope="module")
+def shakespeare(tokenizer):
+    """A 64-token model served under its run's name, as `gpt2lab serve --model runs/shakespeare` names it."""
+    from gpt2lab.chat.engine import Engine
+    from gpt2lab.chat.limits import ServeLimits
+    from gpt2lab.chat.server import Service, create_app, serve_in_thread
+    from tests.chat.conftest import tiny_chat_model
+
+    engine = Engine(tiny_chat_model(block_size=64), max_batch=2)
+    service = Service(engine, tokenizer, True, ServeLimits(), "shakespeare")
+    with serve_in_thread(create_app(service)) as url:
+        yield url
+
+
+def test_the_header_names_the_run_and_max_tokens_stops_at_the_context(browser, shakespeare):
+    from playwright.sync_api import expect
+
+    context = browser.new_context()
+    page = context.new_page()
+    page.set_default_timeout(10_000)
+    page.goto(shakespeare + "/")
+    expect(page.locator("#model")).to_have_text("shakespeare")  # shown as "model: shakespeare"
+    # a reply needs at least one prompt token: max_tokens is at most the context - 1, as the server says
+    expect(page.locator("#max-tokens")).to_have_attribute("max", "63")
+    requests = posted(page)
+    page.route(COMPLETIONS, lambda route: route.fulfill(status=200, content_type="text/event-stream", body=sse()))
+    finished(send(page, "Hi"))
+    assert requests[0]["model"] == "shakespeare"  # the id the server serves, not a fixed name
+    context.close()

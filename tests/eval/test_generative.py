@@ -160,3 +160,51 @@ def test_the_command_writes_json_and_a_missing_dataset_is_one_error_line(tmp_pat
     assert main(["eval", "gsm8k", "--model", str(ckpt), "--data", str(tmp_path / "none")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error:") and "none" in err[0]
+
+
+def test_a_reply_never_runs_past_the_models_context(tokenizer, scripted):
+    """Problem 4's reply never ends: by default it stops where the 64-token context is full, not 256 tokens
+    later through the sliding window; a larger explicit value is cut there too, and counted."""
+    model, task = scripted
+    room = 64 - len(render_prompt(task.given[4].messages, tokenizer))
+    r = evaluate(model, tokenizer, task, details=True)
+    assert r["details"][4]["greedy"].reply_tokens == room and "capped_replies" not in r
+    r = evaluate(model, tokenizer, task, max_new_tokens=1000, details=True)
+    assert r["details"][4]["greedy"].reply_tokens == room and r["capped_replies"] == 5
+    r = evaluate(model, tokenizer, task, max_new_tokens=6, details=True)
+    assert r["details"][4]["greedy"].reply_tokens == 6 and r["capped_replies"] == 0
+
+
+def test_the_command_says_once_that_an_explicit_max_new_tokens_was_capped(tmp_path, capsys):
+    from gpt2lab.checkpoint import save_model
+
+    torch.manual_seed(0)
+    config = GPTConfig(block_size=32, vocab_size=CHAT_VOCAB_SIZE, padded_vocab_size=50304, n_layer=1, n_head=2,
+                       n_embd=16)  # fmt: skip
+    ckpt = save_model(GPT(config).eval(), tmp_path / "tiny")
+    args = ["eval", "arith", "--model", str(ckpt), "--limit", "3", "--prompt-format", "chat", "--device", "cpu"]
+    capsys.readouterr()
+    assert main([*args, "--json"]) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out[out.index("{") :])["reply_tokens"] < 32 and "max-new-tokens" not in err
+    assert main([*args, "--json", "--max-new-tokens", "1000"]) == 0
+    notes = [line for line in capsys.readouterr().err.splitlines() if "--max-new-tokens" in line]
+    assert len(notes) == 1 and "1000" in notes[0] and "32-token context" in notes[0], notes
+
+
+def test_arith_digits_have_one_default_in_data_eval_and_rl():
+    from gpt2lab.cli import build_parser
+    from gpt2lab.rl.rollout import RLConfig
+    from gpt2lab.rl.tasks import Arith
+
+    parser = build_parser()
+    defaults = {
+        "gpt2lab data arith": parser.parse_args(["data", "arith", "--out", "x.jsonl"]).digits,
+        "gpt2lab eval arith": parser.parse_args(["eval", "arith", "--model", "m"]).digits,
+        "rl.digits": RLConfig().digits,
+        "Arith()": Arith().digits,
+    }
+    assert set(defaults.values()) == {2}, defaults
+    from gpt2lab.rl.tasks import ARITH_DIGITS  # the one place it is defined
+
+    assert ARITH_DIGITS == 2

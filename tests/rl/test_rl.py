@@ -196,3 +196,25 @@ def test_two_ddp_ranks_sample_the_same_rollouts_and_take_the_same_steps_as_one_p
             q2, _, v2 = w_two[name].chunk(3)
             w_one[name], w_two[name] = torch.cat([q, v]), torch.cat([q2, v2])
         assert_close_f32(w_two[name], w_one[name], msg=name)
+
+
+def test_an_optim_key_the_rl_schedule_replaces_is_refused_naming_the_rl_key(tmp_path, capsys):
+    """[rl]'s lr, warmup and weight decay replace [optim]'s (its lr is constant): optim.lr would be dropped."""
+    import argparse
+
+    from gpt2lab.rl.command import rl_config
+
+    _chat_model(tmp_path / "chat")
+    argv = ["rl", "--model", str(tmp_path / "chat"), "--task", str(tmp_path / "missing.jsonl")]
+    capsys.readouterr()
+    assert main([*argv, "--set", "optim.lr=3e-3"]) == 2
+    assert capsys.readouterr().err == "error: optim.lr is set by rl.lr in gpt2lab rl: use --set rl.lr=3e-3\n"
+    assert main([*argv, "--set", "optim.min_lr_ratio=0.1"]) == 2
+    assert "optim.min_lr_ratio has no effect in gpt2lab rl" in capsys.readouterr().err
+    (tmp_path / "c.toml").write_text("[optim]\nlr = 3e-3\n")
+    assert main([*argv[:1], str(tmp_path / "c.toml"), *argv[1:]]) == 2
+    assert "optim.lr is set by rl.lr in gpt2lab rl: write lr = 0.003 in [rl]" in capsys.readouterr().err
+    args = argparse.Namespace(config=None, model=str(tmp_path / "chat"), task="arith",
+                              set=["rl.lr=3e-3", "optim.beta2=0.99"])  # fmt: skip
+    cfg = rl_config(args)
+    assert (cfg.optim.lr, cfg.optim.beta2, cfg.optim.min_lr_ratio) == (3e-3, 0.99, 1.0)

@@ -43,7 +43,7 @@ def _client(url: str, requests: int, max_tokens: int, seed: int, record: list) -
     for r in range(requests):
         body = {
             "messages": [{"role": "user", "content": f"Tell me a story, number {seed}-{r}."}],
-            "max_tokens": max_tokens, "temperature": 1.0, "seed": seed * 1000 + r, "stream": True,
+            "max_tokens": max_tokens, "temperature": 1.0, "top_k": 0, "seed": seed * 1000 + r, "stream": True,
             "stream_options": {"include_usage": True},
         }  # fmt: skip
         start, first, tokens = time.perf_counter(), None, 0

@@ -1,8 +1,15 @@
-"""The limits of `gpt2lab serve` (a light module: the CLI reads the defaults without importing FastAPI)."""
+"""The limits of `gpt2lab serve` and the sampling defaults it shares with `gpt2lab chat` (a light module: the
+CLI reads the defaults without importing FastAPI)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+# How a reply is sampled when the request (or `gpt2lab chat`'s flags) leave it out: one definition, so the
+# terminal, the API and the web page sample a model alike. A small model sampled from its whole distribution at
+# temperature 1 strays into the long tail: its replies read far worse than at 0.7 with top-k 50.
+DEFAULT_TEMPERATURE = 0.7
+DEFAULT_TOP_K = 50
 
 
 @dataclass

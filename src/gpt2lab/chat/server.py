@@ -4,7 +4,8 @@ Routes: ``POST /v1/chat/completions`` and ``POST /v1/completions`` (JSON, or ser
 ``stream: true``, ending ``data: [DONE]``), ``GET /v1/models``, ``GET /health`` and the page at ``/``.
 Every request becomes ``n`` ``engine.Sequence``s decoded by the one ``Engine`` with everyone else's
 (continuous batching); the handler turns their tokens into text (whole UTF-8 characters, cut before a
-``stop`` string) and into OpenAI's response or chunk objects.
+``stop`` string) and into OpenAI's response or chunk objects. A request that leaves ``temperature`` or ``top_k``
+out is sampled as ``gpt2lab chat`` samples (``limits.DEFAULT_TEMPERATURE``, ``limits.DEFAULT_TOP_K``).
 
 Bad input is answered with OpenAI's error object ``{"error": {"message", "type", "param", "code"}}`` and a
 4xx status, never a traceback: malformed JSON, a wrong field type or range, an unknown role, a prompt or
@@ -21,6 +22,7 @@ import hmac
 import ipaddress
 import json
 import logging
+import os
 import threading
 import time
 import uuid
@@ -28,6 +30,7 @@ from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from functools import partial
 from importlib import resources
+from pathlib import Path
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -36,7 +39,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
 from starlette.exceptions import HTTPException
 
 from gpt2lab.chat.engine import Engine, EngineBusy, Sequence
-from gpt2lab.chat.limits import ServeLimits
+from gpt2lab.chat.limits import DEFAULT_TEMPERATURE, DEFAULT_TOP_K, ServeLimits
 from gpt2lab.chat.template import PLAIN_STOP, check_conversation, fit_history, render_plain_prompt, render_prompt
 from gpt2lab.errors import Gpt2LabError
 from gpt2lab.generate import TextStream
@@ -75,7 +78,7 @@ class Sampling(BaseModel):
     max_completion_tokens: StrictInt | None = Field(None, gt=0)  # the newer name of max_tokens
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
-    top_k: StrictInt | None = Field(None, ge=1)
+    top_k: StrictInt | None = Field(None, ge=0)  # 0: no top-k (vLLM's convention); left out: DEFAULT_TOP_K
     n: StrictInt = Field(1, ge=1)
     stop: StrictStr | list[StrictStr] | None = None
     seed: StrictInt | None = None
@@ -148,7 +151,12 @@ class Service:
         try:
             messages, trimmed = fit_history(messages, self.tokenizer, self.block_size - reserve, render)
         except Gpt2LabError as e:
-            raise APIError(400, f"{e}; max_tokens {reserve}", param="messages", code="context_length_exceeded") from e
+            shortest = len(render(_last_turn(messages), self.tokenizer))  # what trimming the history keeps at least
+            why = (
+                f"the last message does not fit: the prompt takes {shortest} tokens and the model's context is "
+                f"{self.block_size}, with {reserve} kept for the reply (max_tokens)"
+            )
+            raise self.no_room(shortest, requested, why, "messages") from e
         prompt = render(messages, self.tokenizer)
         max_new = min(requested or self.limits.default_max_tokens, self.block_size - len(prompt))
         stops = _stops(body) + (() if self.chat_model else (PLAIN_STOP,))
@@ -176,12 +184,20 @@ class Service:
         prompt = self.tokenizer.encode_ordinary(body.prompt) or [self.tokenizer.eot]
         room = self.block_size - len(prompt)
         if room < (requested or 1):
-            need = f"{len(prompt)} tokens" + (f" + max_tokens {requested}" if requested else "")
-            raise APIError(
-                400, f"the prompt does not fit the context: {need} > {self.block_size}",
-                param="prompt", code="context_length_exceeded",
-            )  # fmt: skip
+            why = f"the prompt does not fit: it takes {len(prompt)} tokens and the model's context is {self.block_size}"
+            raise self.no_room(len(prompt), requested, why, "prompt")
         return Job(prompt, min(requested or self.limits.default_max_tokens, room), body, _stops(body), chat=False)
+
+    def no_room(self, prompt_tokens: int, requested: int | None, why: str, param: str) -> APIError:
+        """The prompt and the reply do not fit the context together: the error blames max_tokens when the
+        prompt alone would fit (the user asked for too long a reply), else the prompt (``why``, ``param``)."""
+        block = self.block_size
+        if requested and prompt_tokens < block:
+            param, why = "max_tokens", (
+                f"max_tokens {requested} leaves no room for the prompt: the prompt takes {prompt_tokens} tokens and "
+                f"the model's context is {block}, so max_tokens can be at most {block - prompt_tokens} here"
+            )  # fmt: skip
+        return APIError(400, why, param=param, code="context_length_exceeded")
 
     async def generate(self, job: Job, request: Request) -> AsyncIterator[Piece]:
         """The reply's pieces as they come, each choice ending with one that has a finish_reason; the
@@ -196,14 +212,16 @@ class Service:
 
         b = job.body
         top_p = None if b.top_p in (None, 1) else b.top_p
-        temperature = 1.0 if b.temperature is None else b.temperature
+        # what a request leaves out is sampled as `gpt2lab chat` samples: the same model reads the same
+        temperature = DEFAULT_TEMPERATURE if b.temperature is None else b.temperature
+        top_k = min(DEFAULT_TOP_K, self.limits.max_top_k) if b.top_k is None else b.top_k or None
         seqs = [
             Sequence(
                 job.prompt,
                 job.max_new_tokens,
                 partial(emit, i),
                 temperature,
-                b.top_k,
+                top_k,
                 top_p,
                 None if b.seed is None else b.seed + i,
                 self.end_ids,
@@ -253,6 +271,11 @@ def _special_ids(tokenizer) -> set[int]:
         except Gpt2LabError:
             pass
     return ids
+
+
+def _last_turn(messages: list[dict]) -> list[dict]:
+    """The system message, if any, and the last message (a user's): the shortest history ``fit_history`` keeps."""
+    return (messages[:1] if messages[0]["role"] == "system" else []) + messages[-1:]
 
 
 def _stops(body: Sampling) -> tuple[str, ...]:
@@ -464,14 +487,22 @@ def _too_large(max_bytes: int) -> APIError:
     return APIError(413, f"the request body is over {max_bytes} bytes", code="request_too_large")
 
 
-def _validation_message(e: RequestValidationError) -> tuple[str, str | None]:
+def _validation_message(e: RequestValidationError, content_type: str | None) -> tuple[str, str | None]:
     err = e.errors()[0]
     if err.get("type") == "json_invalid":
         return f"malformed JSON: {err.get('ctx', {}).get('error', 'cannot parse the body')}", None
     if tuple(err.get("loc", ())) == ("body",):
+        if not _is_json(content_type):  # FastAPI parses only a JSON Content-Type: the body came as bytes
+            return f"send the body as JSON with Content-Type: application/json (got {content_type or 'none'})", None
         return "the request body must be a JSON object", None
     where = ".".join(str(x) for x in err.get("loc", ()) if x != "body")
     return (f"{where}: {err.get('msg')}" if where else str(err.get("msg"))), where or None
+
+
+def _is_json(content_type: str | None) -> bool:
+    """Whether FastAPI reads a body of this Content-Type as JSON: application/json or application/*+json."""
+    media = (content_type or "").split(";")[0].strip().lower()
+    return media == "application/json" or (media.startswith("application/") and media.endswith("+json"))
 
 
 def create_app(
@@ -538,7 +569,7 @@ def _add_error_handlers(app: FastAPI, service: Service) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request, e: RequestValidationError):
-        message, param = _validation_message(e)
+        message, param = _validation_message(e, request.headers.get("content-type"))
         return _error(APIError(400, message, param=param))
 
     @app.exception_handler(EngineBusy)
@@ -603,10 +634,43 @@ def check_binding(host: str, api_key: str | None, insecure_no_auth: bool) -> Non
         )
 
 
+def check_port(host: str, port: int) -> None:
+    """Fail at once, before the model loads, when host:port is taken: bind it as uvicorn will, then let it go
+    (uvicorn would find out only after the load, and exit with its own log lines)."""
+    import errno
+    import socket
+
+    where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    try:
+        addresses = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as e:
+        raise Gpt2LabError(f"--host {host}: cannot resolve it ({e.strerror})") from e
+    for family, kind, proto, _, address in addresses:
+        try:
+            with socket.socket(family, kind, proto) as s:
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn: a port in TIME_WAIT is free
+                s.bind(address)
+        except OSError as e:
+            if e.errno == errno.EADDRINUSE:
+                raise Gpt2LabError(f"{where} is already in use (another server?): pick a free port with --port") from e
+            if e.errno == errno.EACCES:
+                raise Gpt2LabError(f"{where}: permission denied (a port below 1024?): pick another with --port") from e
+            # anything else (an address family this machine lacks): uvicorn binds what it can
+
+
+def served_name(model: str, given: str | None = None) -> str:
+    """The model id in /v1/models and responses: ``given`` (--served-model-name), else the run's name as its
+    folder says (runs/shakespeare: shakespeare; a checkpoint in runs/chat/checkpoints: chat; gpt2: gpt2)."""
+    if given:
+        return given
+    path = Path(os.path.abspath(os.path.expanduser(model)))  # "." and "runs/chat/" have a name too
+    if path.parent.name == "checkpoints":  # a checkpoint of a run: the page names the run
+        path = path.parent.parent
+    return path.name or model
+
+
 def serve_command(args) -> int:
     """`gpt2lab serve --model RUN`: load the model, start the engine, serve until Ctrl-C."""
-    import os
-
     import uvicorn
 
     from gpt2lab.chat.base import is_chat_model
@@ -617,6 +681,7 @@ def serve_command(args) -> int:
 
     api_key = args.api_key or os.environ.get("GPT2LAB_API_KEY") or None
     check_binding(args.host, api_key, args.insecure_no_auth)
+    check_port(args.host, args.port)  # before the model loads: a busy port is one line, not a wait and a log
     limits = ServeLimits(
         max_messages=args.max_messages, max_message_chars=args.max_message_chars,
         max_total_chars=args.max_total_chars, max_tokens=args.max_tokens,
@@ -632,8 +697,9 @@ def serve_command(args) -> int:
             "%s is a base model (not from gpt2lab sft): chats get a plain User:/Assistant: transcript", args.model
         )
     engine = Engine(model, max_batch=args.max_batch, max_queue=args.max_queue)
-    service = Service(engine, tokenizer, chat_model, limits, args.served_model_name)
+    name = served_name(args.model, args.served_model_name)
+    service = Service(engine, tokenizer, chat_model, limits, name)
     app = create_app(service, api_key, tuple(args.cors_origin))
-    print(f"serving {args.model} at http://{args.host}:{args.port} (web page at /, API at /v1)", flush=True)
+    print(f"serving {args.model} as {name!r} at http://{args.host}:{args.port} (web page at /, API at /v1)", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
     return 0

@@ -12,7 +12,16 @@ import argparse
 from pathlib import Path
 
 from gpt2lab.chat.base import base_model_config, base_tokenizer, chat_model_config, sft_vocab
-from gpt2lab.config import Config, build_config, parse_sets, tuning_schedule, tuning_values, validate
+from gpt2lab.config import (
+    Config,
+    Replaced,
+    build_config,
+    parse_sets,
+    refuse_replaced_optim,
+    tuning_schedule,
+    tuning_values,
+    validate,
+)
 from gpt2lab.errors import Gpt2LabError
 from gpt2lab.train import train
 
@@ -22,6 +31,14 @@ SFT_DEFAULTS = {
     "eval": {"val_every": 50, "val_batches": 8, "sample_every": 0, "hellaswag_every": 0},
     "log": {"every": 10},
 }
+# the [optim] keys that [sft]'s schedule (config.tuning_schedule) replaces, and the keys that set them here
+SFT_REPLACES: Replaced = {
+    "lr": ("sft.lr", None),
+    "min_lr_ratio": ("sft.min_lr_ratio", None),
+    "weight_decay": ("sft.weight_decay", None),
+    "warmup_steps": ("sft.warmup_fraction", "a share of train.max_steps"),
+    "decay_steps": (None, "its cosine ends at train.max_steps, the run's last step"),
+}
 
 
 def sft_config(args: argparse.Namespace) -> Config:
@@ -29,6 +46,7 @@ def sft_config(args: argparse.Namespace) -> Config:
     flags = {"model": args.model, "data": ",".join(args.data), "thinking": getattr(args, "thinking", False)}
     values, source = tuning_values(args.config, "sft", flags, SFT_DEFAULTS, "an SFT", "the model it fine-tunes")
     sets, sft = parse_sets(args.set), values["sft"]
+    refuse_replaced_optim(values, sets, source, "sft", SFT_REPLACES)
     model_spec, data = sets.get("sft.model", sft.get("model")), sets.get("sft.data", sft.get("data"))
     if not model_spec or not data:
         raise Gpt2LabError("gpt2lab sft needs --model (the model to fine-tune) and --data (conversations)")

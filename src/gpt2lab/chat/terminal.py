@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TextIO
 
+from gpt2lab.chat.limits import DEFAULT_TEMPERATURE, DEFAULT_TOP_K
 from gpt2lab.chat.template import PLAIN_STOP, fit_history, render_plain_prompt, render_prompt
 from gpt2lab.errors import Gpt2LabError
 from gpt2lab.generate import TextStream, check_sampling_args, generate
@@ -30,8 +31,8 @@ class Sampling:
     """The sampling settings of a reply (the flags of `gpt2lab sample`)."""
 
     max_new_tokens: int = 256
-    temperature: float = 0.7
-    top_k: int | None = 50
+    temperature: float = DEFAULT_TEMPERATURE  # the server's too (gpt2lab.chat.limits)
+    top_k: int | None = DEFAULT_TOP_K
     top_p: float | None = None
     seed: int | None = None
 

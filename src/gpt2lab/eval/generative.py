@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import sys
 import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -133,6 +134,15 @@ def _think_tokens(ids: list[int], tokenizer) -> int:
 # ----------------------------------------------------------------------------- a split
 
 
+def reply_budget(block_size: int, prompt_len: int, max_new_tokens: int | None = None) -> int:
+    """Most tokens a reply to a prompt of prompt_len tokens may take: what the context leaves after the prompt
+    (the whole context when the prompt alone fills it), and at most max_new_tokens (None: no more limit).
+    Past the context every new token runs through generate's sliding window, a full forward pass each, and
+    forgets the prompt's start: a small model's default of 256 made 20 arith problems take minutes."""
+    room = block_size - prompt_len if prompt_len < block_size else block_size
+    return room if max_new_tokens is None else min(max_new_tokens, room)
+
+
 def score_problem(
     model: torch.nn.Module,
     tokenizer,
@@ -163,7 +173,7 @@ def evaluate(
     limit: int | None = None,
     *,
     temperature: float = 1.0,
-    max_new_tokens: int = 256,
+    max_new_tokens: int | None = None,
     chat: bool = True,
     seed: int = 0,
     rank: int = 0,
@@ -172,15 +182,17 @@ def evaluate(
     details: bool = False,
 ) -> dict:
     """pass@1 (greedy), pass@k from ``samples`` replies (>= 2), format rate and lengths over the first ``limit``
-    problems of a split, summed over all ranks. ``details``: also this rank's replies, per problem."""
-    check_sampling_args(samples, max_new_tokens, temperature, None, None)
+    problems of a split, summed over all ranks. Each reply stops where the context is full (``reply_budget``);
+    with max_new_tokens given, the results count the replies it was cut for (capped_replies). ``details``: also
+    this rank's replies, per problem."""
+    check_sampling_args(samples, max_new_tokens or 0, temperature, None, None)
     problems = task.problems(split, limit)
     net = raw_model(model)
     device = next(net.parameters()).device
     render = render_prompt if chat else render_plain_prompt
     ks = pass_ks(samples) if samples > 1 else []
     keys = ["count", "correct", "parsed", "reply_tokens", "think_tokens"]
-    sums = dict.fromkeys(keys + [f"sampled_{k}" for k in keys] + [f"pass@{k}" for k in ks] + ["cropped"], 0.0)
+    sums = dict.fromkeys(keys + [f"sampled_{k}" for k in keys] + [f"pass@{k}" for k in ks] + ["cropped", "capped"], 0.0)
     rows = []
     was_training = net.training
     net.eval()
@@ -192,8 +204,10 @@ def evaluate(
                 p = problems[i]
                 prompt = render(p.messages, tokenizer)
                 sums["cropped"] += len(prompt) > net.config.block_size
+                budget = reply_budget(net.config.block_size, len(prompt), max_new_tokens)
+                sums["capped"] += max_new_tokens is not None and budget < max_new_tokens
                 greedy, sampled = score_problem(
-                    net, tokenizer, task, p, prompt, samples, temperature, max_new_tokens, seed + i, chat
+                    net, tokenizer, task, p, prompt, samples, temperature, budget, seed + i, chat
                 )
                 _add(sums, "", [greedy])
                 if sampled:
@@ -207,7 +221,9 @@ def evaluate(
     finally:
         net.train(was_training)
     t = all_reduce_sum(sums, device, world_size)
-    return _results(task, split, t, samples, temperature, chat, ks) | ({"details": rows} if details else {})
+    out = _results(task, split, t, samples, temperature, chat, ks)
+    out |= {"capped_replies": int(t["capped"])} if max_new_tokens is not None else {}
+    return out | ({"details": rows} if details else {})
 
 
 def _add(sums: dict, prefix: str, scored: list[Scored]) -> None:
@@ -251,6 +267,14 @@ def task_options(args: argparse.Namespace) -> dict:
     return {"data": args.data}
 
 
+def capped_note(max_new_tokens: int, block_size: int, results: dict) -> str:
+    """The one line that says a user's --max-new-tokens was cut to what the context leaves."""
+    return (
+        f"note: --max-new-tokens {max_new_tokens} capped at what the model's {block_size}-token context leaves "
+        f"after the prompt ({results['capped_replies']} of {results['count']} problems)"
+    )
+
+
 def generative_command(args: argparse.Namespace) -> int:
     """`gpt2lab eval gsm8k|arith`: find the problems, load the model, generate, score, print a table or JSON."""
     from gpt2lab.chat.base import is_chat_model
@@ -260,7 +284,7 @@ def generative_command(args: argparse.Namespace) -> int:
 
     if args.limit is not None and args.limit < 1:
         raise Gpt2LabError(f"--limit must be >= 1 (got {args.limit})")
-    check_sampling_args(args.samples, args.max_new_tokens, args.temperature, None, None)
+    check_sampling_args(args.samples, args.max_new_tokens or 0, args.temperature, None, None)
     task = get_task(args.eval, **task_options(args))
     task.problems(args.split, args.limit)  # a missing dataset fails here, before the model loads
     info = init_distributed(args.device)
@@ -275,6 +299,8 @@ def generative_command(args: argparse.Namespace) -> int:
             max_new_tokens=args.max_new_tokens, chat=chat, seed=args.seed, rank=info.rank,
             world_size=info.world_size, progress=info.is_main,
         )  # fmt: skip
+        if info.is_main and results.get("capped_replies"):  # an explicit value cut short: say so, once
+            print(capped_note(args.max_new_tokens, raw_model(model).config.block_size, results), file=sys.stderr)
         results = {"model": args.model, "device": info.device, "world_size": info.world_size} | results
         results["date"] = datetime.datetime.now().isoformat(timespec="seconds")
         if args.json == "-":

@@ -11,7 +11,16 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from gpt2lab.config import Config, build_config, parse_sets, tuning_schedule, tuning_values, validate
+from gpt2lab.config import (
+    Config,
+    Replaced,
+    build_config,
+    parse_sets,
+    refuse_replaced_optim,
+    tuning_schedule,
+    tuning_values,
+    validate,
+)
 from gpt2lab.errors import Gpt2LabError
 from gpt2lab.train import train
 
@@ -20,6 +29,14 @@ RL_DEFAULTS = {
     "train": {"max_steps": 200, "micro_batch": 8, "save_every": 50, "keep_checkpoints": 2},
     "eval": {"val_every": 0, "sample_every": 0, "hellaswag_every": 0},
     "log": {"every": 1},
+}
+# the [optim] keys that [rl]'s schedule (config.tuning_schedule) replaces, and the keys that set them here
+RL_REPLACES: Replaced = {
+    "lr": ("rl.lr", None),
+    "weight_decay": ("rl.weight_decay", None),
+    "warmup_steps": ("rl.warmup_fraction", "a share of train.max_steps"),
+    "min_lr_ratio": (None, "its lr is constant after warmup"),
+    "decay_steps": (None, "its lr is constant after warmup"),
 }
 
 
@@ -30,6 +47,7 @@ def rl_config(args: argparse.Namespace) -> Config:
     flags = {"model": args.model, "task": args.task}
     values, source = tuning_values(args.config, "rl", flags, RL_DEFAULTS, "an RL", "the policy it trains")
     sets, rl = parse_sets(args.set), values["rl"]
+    refuse_replaced_optim(values, sets, source, "rl", RL_REPLACES)
     model_spec, task = sets.get("rl.model", rl.get("model")), sets.get("rl.task", rl.get("task"))
     if not model_spec or not task:
         raise Gpt2LabError("gpt2lab rl needs --model (a chat model, e.g. from gpt2lab sft) and --task")

@@ -28,6 +28,7 @@ from gpt2lab.errors import Gpt2LabError
 from gpt2lab.eval.common import all_reduce_sum
 from gpt2lab.generate import generate_ids
 from gpt2lab.rl.grpo import entropy, group_advantages, policy_loss, token_logprobs
+from gpt2lab.rl.tasks import ARITH_DIGITS
 
 
 @dataclass
@@ -36,7 +37,7 @@ class RLConfig:
 
     model: str = ""  # the starting policy: a chat model (a gpt2lab sft run, checkpoint or export); "" = no RL
     task: str = ""  # gsm8k, arith, or a JSONL of prompts and answers (gpt2lab.rl.tasks)
-    digits: int = 2  # arith: digits per operand (the difficulty knob)
+    digits: int = ARITH_DIGITS  # arith: digits per operand (the difficulty knob)
     ops: str = "+"  # arith: the operations drawn from, e.g. "+*"
     verifier: str = ""  # a JSONL task: module:function(reply, answer) -> float; "" = exact match
     group_size: int = 8  # completions sampled per prompt (G)

@@ -265,6 +265,7 @@ class GSM8K(NumberTask):
 
 ARITH_SIZES = {"train": 10_000, "test": 500}
 ARITH_OPS = "+*"
+ARITH_DIGITS = 2  # digits per operand unless told: gpt2lab data arith, eval arith and rl.digits all start here
 
 
 def in_test_split(a: int, op: str, b: int) -> bool:
@@ -338,7 +339,7 @@ class Arith(NumberTask):
     when the test tenth of a small space runs out); the train split draws with repetition, an endless stream.
     """
 
-    digits: int = 3
+    digits: int = ARITH_DIGITS
     ops: str = "+"
     seed: int = 0
     format_reward: float = 0.0
