@@ -581,7 +581,8 @@ def loop(run: Run, stop: StopSignals) -> Path | None:
         if step == 0 and run.val_loader is not None:
             metrics["val_loss"] = val_loss(run.raw_model, run.val_loader, cfg.eval.val_batches, run.autocast, ws)
             log.log(0, val_loss=metrics["val_loss"])
-            _print0(info, f"step {0:>6} | val loss {metrics['val_loss']:.4f}{val_loss_note(cfg.reference, 0)}")
+            note = val_loss_note(cfg.reference, 0, metrics["val_loss"])  # with whether it is within the band
+            _print0(info, f"step {0:>6} | val loss {metrics['val_loss']:.4f}{note}")
         while step < cfg.train.max_steps:
             t0 = time.perf_counter()
             lr = lr_at(step, cfg.optim)
@@ -627,7 +628,7 @@ def loop(run: Run, stop: StopSignals) -> Path | None:
             if run.val_loader is not None and _periodic(cfg.eval.val_every, step, last):
                 metrics["val_loss"] = val_loss(run.raw_model, run.val_loader, cfg.eval.val_batches, run.autocast, ws)
                 log.log(step, val_loss=metrics["val_loss"])
-                note = val_loss_note(cfg.reference, step)
+                note = val_loss_note(cfg.reference, step, metrics["val_loss"])
                 _print0(info, f"step {step:>6} | val loss {metrics['val_loss']:.4f}{note}")
             if _periodic(cfg.eval.hellaswag_every, step, last):
                 metrics["hellaswag"] = _hellaswag(run)
