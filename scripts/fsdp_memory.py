@@ -24,8 +24,8 @@ import sys
 
 import torch
 
-from gpt2lab import train
-from gpt2lab.cli import main
+from gpt2lab.cli.main import main
+from gpt2lab.train import loop as train
 
 MIB = 2**20
 START_RSS = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB

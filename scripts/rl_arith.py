@@ -30,11 +30,12 @@ from pathlib import Path
 
 import torch
 
-from gpt2lab.checkpoint import TRAIN_STATE_KEY, save_model
-from gpt2lab.cli import main
-from gpt2lab.model import GPT, GPTConfig
-from gpt2lab.tokenizer import TrainedTokenizer
-from gpt2lab.tokenizer_match import record_of
+from gpt2lab.checkpoint.folder import TRAIN_STATE_KEY, save_model
+from gpt2lab.cli.main import main
+from gpt2lab.interop.tokenizer_match import record_of
+from gpt2lab.model.config import GPTConfig
+from gpt2lab.model.gpt import GPT
+from gpt2lab.tokenizer.bpe import TrainedTokenizer
 
 
 def run(*argv: str) -> None:

@@ -88,7 +88,7 @@ def cached_decoding(model, idx, prefill: int = 5, max_len: int | None = None, st
     """
     import torch
 
-    from gpt2lab.model import KVCache
+    from gpt2lab.inference.kv_cache import KVCache
 
     T = idx.size(1)
     with torch.no_grad():
@@ -127,6 +127,6 @@ def shared_data() -> Path:
 
 @pytest.fixture(scope="session")
 def tokenizer(shared_data):
-    from gpt2lab.tokenizer import get_tokenizer
+    from gpt2lab.tokenizer.bpe import get_tokenizer
 
     return get_tokenizer()

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from gpt2lab.cli import main
+from gpt2lab.cli.main import main
 from gpt2lab.config import build_config, load_config, to_toml
-from tests.test_train import TINY as TRAIN_TINY
+from tests.train.test_loop import TINY as TRAIN_TINY
 
 TINY = {**TRAIN_TINY, "train": {**TRAIN_TINY["train"], "total_batch": 128, "save_every": 0}}  # one micro-step
 SMALL_VOCAB = {"vocab_size": 256, "padded_vocab_size": 256}  # the bench tests need no tokenizer: steps of ~ms

@@ -6,7 +6,7 @@ import tomllib
 
 import pytest
 
-from gpt2lab.cli import main
+from gpt2lab.cli.main import main
 from gpt2lab.config import all_keys, build_config, load_config, to_toml
 from gpt2lab.errors import Gpt2LabError
 from tests.conftest import REPO

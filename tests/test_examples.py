@@ -13,11 +13,12 @@ import torch
 import gpt2lab
 from gpt2lab.chat.base import CHAT_VOCAB_SIZE
 from gpt2lab.chat.template import render_prompt
-from gpt2lab.checkpoint import TRAIN_STATE_KEY, save_model
-from gpt2lab.generate import generate_ids
-from gpt2lab.loading import load_model
-from gpt2lab.model import GPT, GPTConfig
-from gpt2lab.tokenizer import get_tokenizer
+from gpt2lab.checkpoint.folder import TRAIN_STATE_KEY, save_model
+from gpt2lab.inference.generate import generate_ids
+from gpt2lab.interop.load import load_model
+from gpt2lab.model.config import GPTConfig
+from gpt2lab.model.gpt import GPT
+from gpt2lab.tokenizer.bpe import get_tokenizer
 from tests.conftest import REPO, SHARED_DATA
 from tests.test_readme import readme_commands
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 import gpt2lab
-from gpt2lab.cli import main
+from gpt2lab.cli.main import main
 from gpt2lab.errors import Gpt2LabError
 
 
@@ -25,7 +25,7 @@ def _missing(value: str, resolved: Path) -> str:
 
 
 def test_relative_mirror_from_another_directory_names_value_and_resolution(elsewhere):
-    from gpt2lab.tokenizer import get_tokenizer
+    from gpt2lab.tokenizer.bpe import get_tokenizer
 
     with pytest.raises(Gpt2LabError) as e:
         get_tokenizer()  # before: a silent fall-back, then "not available offline" without the variable's value
@@ -46,7 +46,7 @@ def test_every_user_of_the_mirror_gives_the_same_message(elsewhere, capsys):
 
 def test_relative_mirror_that_exists_is_made_absolute(monkeypatch, shared_data):
     from gpt2lab.mirror import mirror_dir
-    from gpt2lab.tokenizer import get_tokenizer
+    from gpt2lab.tokenizer.bpe import get_tokenizer
 
     monkeypatch.chdir(shared_data.parent)
     monkeypatch.setenv("GPT2LAB_MIRROR", shared_data.name)

@@ -61,7 +61,7 @@ def test_the_readme_has_gpt2lab_commands_to_check():
 
 def test_every_readme_command_parses_and_its_config_loads():
     """Each gpt2lab command of the README is accepted by the real parser; train's CONFIG + --set load."""
-    from gpt2lab.cli import build_parser
+    from gpt2lab.cli.main import build_parser
     from gpt2lab.config import load_config
 
     parser = build_parser()
@@ -106,7 +106,7 @@ def test_readme_config_files_exist():
 CHEAP = (
     "gpt2lab data prepare shakespeare --out data/shakespeare",
     "gpt2lab data info data/shakespeare",
-    'python -c "from gpt2lab.model import GPT, GPTConfig; from gpt2lab.checkpoint import save_model;',
+    'python -c "from gpt2lab.model import GPT, GPTConfig; from gpt2lab.checkpoint.folder import save_model;',
     "gpt2lab sample --model runs/random-gpt2 ",
     "gpt2lab export runs/random-gpt2 runs/random-gpt2-hf",
     'python -c "from transformers import GPT2LMHeadModel',
@@ -188,9 +188,9 @@ def test_the_first_screens_sample_command_prints_no_warning(tmp_path, shared_dat
     """The zero-to-chatbot `gpt2lab sample`, on a model of its preset's shape, writes nothing to stderr."""
     import torch
 
-    from gpt2lab.checkpoint import save_model
+    from gpt2lab.checkpoint.folder import save_model
     from gpt2lab.config import load_config
-    from gpt2lab.model import GPT
+    from gpt2lab.model.gpt import GPT
 
     command = next(c for c in _section("main-command").splitlines() if c.startswith("gpt2lab sample"))
     command = re.sub(r"\s+#\s.*$", "", command)

@@ -1,3 +1,3 @@
-from gpt2lab.cli import main
+from gpt2lab.cli.main import main
 
 raise SystemExit(main())

@@ -3,7 +3,7 @@
 Each section's dataclass lives beside the code it configures ([model] -> ``GPTConfig``,
 [data] -> ``DataConfig``, [optim] -> ``OptimConfig``, [train]/[eval]/[log] -> ``train.py``, [perf] -> ``perf.py``);
 this module only composes them, and imports flow one way: config -> train, never back (``train.train``
-takes the composed Config as an argument; ``gpt2lab.launch`` is the CLI glue that builds one).
+takes the composed Config as an argument; ``gpt2lab.train.command`` is the CLI glue that builds one).
 Precedence: ``--set section.key=value`` > the TOML file >
 the dataclass defaults. Files hold plain values only (TOML, read with ``tomllib``), never
 code. Every problem (unknown key, wrong type, impossible combination) is one
@@ -23,16 +23,16 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from gpt2lab.chat.sft_data import SFTConfig, packing_problems
 from gpt2lab.data.loader import DataConfig
 from gpt2lab.errors import Gpt2LabError
-from gpt2lab.fsdp import config_problems
-from gpt2lab.model import GPTConfig
-from gpt2lab.optim import OptimConfig
-from gpt2lab.perf import PerfConfig
-from gpt2lab.reference import ReferenceConfig
+from gpt2lab.model.config import GPTConfig
 from gpt2lab.rl.rollout import RLConfig
-from gpt2lab.train import EvalConfig, LogConfig, TrainConfig
+from gpt2lab.sft.data import SFTConfig, packing_problems
+from gpt2lab.train.fsdp import config_problems
+from gpt2lab.train.loop import EvalConfig, LogConfig, TrainConfig
+from gpt2lab.train.optim import OptimConfig
+from gpt2lab.train.perf import PerfConfig
+from gpt2lab.train.reference import ReferenceConfig
 
 # Optional fields (``X | None``) take this word for None: "derive it from other settings".
 AUTO = "auto"
@@ -58,7 +58,7 @@ class Config:
         return {f.name: dataclasses.asdict(getattr(self, f.name)) for f in dataclasses.fields(self)}
 
     def to_toml(self) -> str:
-        """The resolved config as TOML (what gpt2lab.train writes to RUN_DIR/config.toml)."""
+        """The resolved config as TOML (what gpt2lab.train.loop writes to RUN_DIR/config.toml)."""
         return to_toml(self)
 
 
@@ -276,7 +276,7 @@ def validate(config: Config, source: str) -> None:
         section = getattr(config, name)
         if hasattr(section, "validate"):
             problems += section.validate(config.model) if name == "train" else section.validate()
-    problems += config_problems(config)  # train.parallel=fsdp with what it cannot run (gpt2lab.fsdp)
+    problems += config_problems(config)  # train.parallel=fsdp with what it cannot run (gpt2lab.train.fsdp)
     problems += packing_problems(config.sft, config.perf)  # a document mask needs a kernel that takes masks
     if problems:
         raise Gpt2LabError(f"{source}: " + "; ".join(problems))

@@ -13,10 +13,11 @@ import torch
 
 from gpt2lab.chat.base import CHAT_VOCAB_SIZE
 from gpt2lab.chat.template import render, render_prompt
-from gpt2lab.checkpoint import TRAIN_STATE_KEY, save_model
-from gpt2lab.cli import main
-from gpt2lab.model import GPT, GPTConfig
-from gpt2lab.tokenizer import get_tokenizer
+from gpt2lab.checkpoint.folder import TRAIN_STATE_KEY, save_model
+from gpt2lab.cli.main import main
+from gpt2lab.model.config import GPTConfig
+from gpt2lab.model.gpt import GPT
+from gpt2lab.tokenizer.bpe import get_tokenizer
 from tests.test_readme import readme_commands
 
 transformers = pytest.importorskip("transformers")

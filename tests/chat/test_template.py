@@ -6,7 +6,7 @@ import pytest
 
 from gpt2lab.chat.template import fit_history, render, render_prompt
 from gpt2lab.errors import Gpt2LabError
-from gpt2lab.tokenizer import SPECIAL_TOKENS, get_tokenizer
+from gpt2lab.tokenizer.bpe import SPECIAL_TOKENS, get_tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -13,10 +13,11 @@ import torch
 from gpt2lab.chat.base import CHAT_VOCAB_SIZE
 from gpt2lab.chat.template import render_prompt
 from gpt2lab.chat.terminal import Chat, Sampling, run
-from gpt2lab.checkpoint import TRAIN_STATE_KEY, save_model
-from gpt2lab.generate import generate_ids
-from gpt2lab.model import GPT, GPTConfig
-from gpt2lab.tokenizer import get_tokenizer
+from gpt2lab.checkpoint.folder import TRAIN_STATE_KEY, save_model
+from gpt2lab.inference.generate import generate_ids
+from gpt2lab.model.config import GPTConfig
+from gpt2lab.model.gpt import GPT
+from gpt2lab.tokenizer.bpe import get_tokenizer
 from tests.conftest import REPO
 
 
@@ -53,7 +54,7 @@ def _chat(folder, stdin: str, *args: str) -> subprocess.CompletedProcess:
 
 
 def test_a_piped_conversation_streams_the_replies_and_obeys_the_commands(chat_folder, tok):
-    from gpt2lab.loading import load_model
+    from gpt2lab.interop.load import load_model
 
     stdin = "hello there\n/temp 0.5\n/temp 0\n/temp hot\n/system Be nice.\n/reset\nhi again\n/quit\nnever read\n"
     done = _chat(chat_folder, stdin, "--temperature", "0", "--max-new-tokens", "8")
@@ -70,7 +71,7 @@ def test_a_piped_conversation_streams_the_replies_and_obeys_the_commands(chat_fo
 
 
 def test_a_base_model_gets_a_clear_warning_and_a_plain_transcript(tmp_path, tok, monkeypatch, capsys):
-    from gpt2lab.cli import main
+    from gpt2lab.cli.main import main
 
     save_model(_model(50257), tmp_path / "base")
     monkeypatch.setattr(sys, "stdin", io.StringIO("hello\n"))

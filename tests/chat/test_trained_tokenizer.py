@@ -9,17 +9,18 @@ import shutil
 import pytest
 import torch
 
-from gpt2lab.bpe import BpeConfig, documents, train_bpe
 from gpt2lab.chat.base import CHAT_VOCAB_SIZE, load_base_weights
 from gpt2lab.chat.template import render, render_prompt
-from gpt2lab.checkpoint import TRAIN_STATE_KEY, find_latest, save_model
-from gpt2lab.cli import main
+from gpt2lab.checkpoint.folder import TRAIN_STATE_KEY, find_latest, save_model
+from gpt2lab.cli.main import main
 from gpt2lab.errors import Gpt2LabError
-from gpt2lab.generate import generate_ids
-from gpt2lab.loading import load_model
-from gpt2lab.model import GPT, GPTConfig
-from gpt2lab.tokenizer import SPECIAL_TOKENS, TOKENIZER_JSON, TOKENIZER_META, TrainedTokenizer
-from gpt2lab.tokenizer_match import checkpoint_record, model_tokenizer, record_of
+from gpt2lab.inference.generate import generate_ids
+from gpt2lab.interop.load import load_model
+from gpt2lab.interop.tokenizer_match import checkpoint_record, model_tokenizer, record_of
+from gpt2lab.model.config import GPTConfig
+from gpt2lab.model.gpt import GPT
+from gpt2lab.tokenizer.bpe import SPECIAL_TOKENS, TOKENIZER_JSON, TOKENIZER_META, TrainedTokenizer
+from gpt2lab.tokenizer.train import BpeConfig, documents, train_bpe
 from tests.chat.test_export import CONVERSATIONS, _ids
 from tests.chat.test_terminal import _chat, _greedy
 from tests.conftest import assert_close_f32

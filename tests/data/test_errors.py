@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from gpt2lab.cli import main
+from gpt2lab.cli.main import main
 from tests.data.conftest import make_dataset, write_jsonl
 
 

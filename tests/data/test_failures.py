@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from gpt2lab.cli import main
+from gpt2lab.cli.main import main
 from tests.data.conftest import write_jsonl
 
 

@@ -6,7 +6,7 @@ import json
 
 import numpy as np
 
-from gpt2lab.cli import main
+from gpt2lab.cli.main import main
 from gpt2lab.data.loader import ShardLoader
 from gpt2lab.data.prepare import Settings, prepare
 from gpt2lab.data.shards import HEADER_BYTES, read_header

@@ -20,7 +20,7 @@ def test_spawned_workers_write_the_same_shards_as_forked_ones(tmp_path, monkeypa
     # they must load the files the main process loaded (the --mirror's), as pickled initializer arguments.
     monkeypatch.delenv("GPT2LAB_MIRROR", raising=False)
     monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path / "empty-cache"))
-    monkeypatch.setattr("gpt2lab.tokenizer._online", lambda *a, **k: False)  # the main process: no web either
+    monkeypatch.setattr("gpt2lab.tokenizer.bpe._online", lambda *a, **k: False)  # the main process: no web either
     reference = prepare(settings, tmp_path / "one", mirror=shared_data, workers=1, quiet=True)
     methods = ["spawn"] + ["fork"] * ("fork" in multiprocessing.get_all_start_methods())
     for method in methods:

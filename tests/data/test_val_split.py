@@ -10,7 +10,7 @@ import json
 import numpy as np
 import pytest
 
-from gpt2lab.cli import main
+from gpt2lab.cli.main import main
 from gpt2lab.data import prepare as prepare_module
 from gpt2lab.data import sources
 from gpt2lab.data.prepare import STATE, Settings, prepare

@@ -6,7 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from gpt2lab.model import GPT, GPTConfig
+from gpt2lab.model.config import GPTConfig
+from gpt2lab.model.gpt import GPT
 
 
 def tiny_gpt(seed: int = 0, block_size: int = 128) -> GPT:
@@ -63,7 +64,7 @@ def positional_gpt(predict: dict[int, int], strength: float = 10.0) -> GPT:
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory):
     """A gpt2lab checkpoint folder of tiny_gpt()."""
-    from gpt2lab.checkpoint import save_model
+    from gpt2lab.checkpoint.folder import save_model
 
     folder = tmp_path_factory.mktemp("tiny_ckpt")
     save_model(tiny_gpt(), folder)

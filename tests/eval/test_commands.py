@@ -6,7 +6,7 @@ import json
 
 import numpy as np
 
-from gpt2lab.cli import main
+from gpt2lab.cli.main import main
 from tests.eval.test_loss import make_dataset
 
 
@@ -44,8 +44,9 @@ def test_eval_loss_reads_a_rope_model_past_its_context_with_rope_scaling(tmp_pat
     """--seq-len past block_size: a RoPE model extends (none/linear/yarn: 3 losses); learned positions refuse."""
     import torch
 
-    from gpt2lab.checkpoint import save_model
-    from gpt2lab.model import GPT, GPTConfig
+    from gpt2lab.checkpoint.folder import save_model
+    from gpt2lab.model.config import GPTConfig
+    from gpt2lab.model.gpt import GPT
 
     (tmp_path / "data").mkdir()
     data = make_dataset(tmp_path / "data", [np.arange(300, 300 + 64 * 4 + 1, dtype=np.uint16)])

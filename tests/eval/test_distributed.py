@@ -23,8 +23,8 @@ def _evaluate_all(model_dir: str, data_dir: str, rank: int, world_size: int) -> 
     from gpt2lab.eval import wikitext as W
     from gpt2lab.eval.common import mirror_file
     from gpt2lab.eval.loss import evaluate_loss
-    from gpt2lab.loading import load_model
-    from gpt2lab.tokenizer import get_tokenizer
+    from gpt2lab.interop.load import load_model
+    from gpt2lab.tokenizer.bpe import get_tokenizer
 
     model, tok = load_model(model_dir), get_tokenizer()
     examples = H.load_examples(mirror_file(H.MIRROR_PATH), 7)  # odd: the ranks get 4 and 3

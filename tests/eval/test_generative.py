@@ -12,9 +12,10 @@ from torch import nn
 
 from gpt2lab.chat.base import CHAT_VOCAB_SIZE
 from gpt2lab.chat.template import render_plain_prompt, render_prompt
-from gpt2lab.cli import main
+from gpt2lab.cli.main import main
 from gpt2lab.eval.generative import evaluate, pass_at_k, pass_ks
-from gpt2lab.model import GPT, GPTConfig
+from gpt2lab.model.config import GPTConfig
+from gpt2lab.model.gpt import GPT
 from gpt2lab.rl.tasks import GSM8K, Problem
 from tests.eval.conftest import silence_blocks
 
@@ -136,7 +137,7 @@ def test_a_base_model_is_asked_in_the_plain_transcript_and_stops_at_the_next_use
 
 
 def test_the_command_writes_json_and_a_missing_dataset_is_one_error_line(tmp_path, capsys):
-    from gpt2lab.checkpoint import save_model
+    from gpt2lab.checkpoint.folder import save_model
 
     torch.manual_seed(0)
     config = GPTConfig(block_size=32, vocab_size=CHAT_VOCAB_SIZE, padded_vocab_size=50304, n_layer=2, n_head=2,
@@ -176,7 +177,7 @@ def test_a_reply_never_runs_past_the_models_context(tokenizer, scripted):
 
 
 def test_the_command_says_once_that_an_explicit_max_new_tokens_was_capped(tmp_path, capsys):
-    from gpt2lab.checkpoint import save_model
+    from gpt2lab.checkpoint.folder import save_model
 
     torch.manual_seed(0)
     config = GPTConfig(block_size=32, vocab_size=CHAT_VOCAB_SIZE, padded_vocab_size=50304, n_layer=1, n_head=2,
@@ -193,7 +194,7 @@ def test_the_command_says_once_that_an_explicit_max_new_tokens_was_capped(tmp_pa
 
 
 def test_arith_digits_have_one_default_in_data_eval_and_rl():
-    from gpt2lab.cli import build_parser
+    from gpt2lab.cli.main import build_parser
     from gpt2lab.rl.rollout import RLConfig
     from gpt2lab.rl.tasks import Arith
 

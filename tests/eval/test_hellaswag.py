@@ -41,7 +41,7 @@ def test_parity_with_transformers(tmp_path, tokenizer, hellaswag_file):
     """Per-candidate losses equal an independent few-line scorer over transformers' own forward."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from gpt2lab.loading import load_model
+    from gpt2lab.interop.load import load_model
 
     torch.manual_seed(0)
     cfg = GPT2Config(n_positions=128, n_embd=64, n_layer=2, n_head=2, initializer_range=0.2)
@@ -177,7 +177,7 @@ def test_locate_prefers_the_cached_official_file(tmp_path, monkeypatch, hellaswa
 
 
 def test_cli_prints_table_and_writes_json(tiny_checkpoint, tmp_path, capsys, hellaswag_file):
-    from gpt2lab.cli import main
+    from gpt2lab.cli.main import main
 
     out = tmp_path / "r.json"
     code = main(["eval", "hellaswag", "--model", str(tiny_checkpoint), "--data", str(hellaswag_file),

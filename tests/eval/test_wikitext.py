@@ -95,7 +95,7 @@ def test_bad_settings_and_files(tmp_path, tokenizer):
 
 
 def test_cli_reports_both_perplexities_and_the_stride(tiny_checkpoint, capsys):
-    from gpt2lab.cli import main
+    from gpt2lab.cli.main import main
 
     assert main(["eval", "wikitext2", "--model", str(tiny_checkpoint), "--limit", "6", "--stride", "64",
                  "--device", "cpu"]) == 0  # fmt: skip
@@ -105,7 +105,7 @@ def test_cli_reports_both_perplexities_and_the_stride(tiny_checkpoint, capsys):
 
 def test_a_stride_longer_than_the_window_is_lowered_with_a_notice(tiny_checkpoint, capsys):
     """A 128-token model cannot step 512 tokens: the command says it uses 128, once, on stderr."""
-    from gpt2lab.cli import main
+    from gpt2lab.cli.main import main
 
     argv = ["eval", "wikitext2", "--model", str(tiny_checkpoint), "--limit", "3", "--device", "cpu"]
     assert main(argv) == 0

@@ -8,11 +8,12 @@ import shutil
 
 import torch
 
-from gpt2lab import checkpoint as ckpt
 from gpt2lab.chat.base import CHAT_VOCAB_SIZE
-from gpt2lab.checkpoint import TRAIN_STATE_KEY, save_model
-from gpt2lab.cli import main
-from gpt2lab.model import GPT, GPTConfig
+from gpt2lab.checkpoint import folder as ckpt
+from gpt2lab.checkpoint.folder import TRAIN_STATE_KEY, save_model
+from gpt2lab.cli.main import main
+from gpt2lab.model.config import GPTConfig
+from gpt2lab.model.gpt import GPT
 
 SETS = (
     "train.max_steps=4 train.save_every=2 train.keep_checkpoints=0 train.micro_batch=2 log.tensorboard=false "
@@ -95,7 +96,7 @@ def _vowel_task(tmp_path) -> tuple[str, str]:
 
 def _peaky_policy():
     """An untrained chat model with its embeddings scaled up: a peaked policy, as a trained one is."""
-    from tests.chat.conftest import tiny_chat_model
+    from tests.serve.conftest import tiny_chat_model
 
     model = tiny_chat_model(32)
     with torch.no_grad():
@@ -167,7 +168,7 @@ def test_two_ddp_ranks_sample_the_same_rollouts_and_take_the_same_steps_as_one_p
     index), the loss is averaged over all ranks' completion tokens and DDP sums the gradients: the logged figures
     are the mean over ranks, equal to one process's, and the weights after 3 steps match it."""
     from tests.conftest import assert_close_f32
-    from tests.test_fsdp import torchrun
+    from tests.train.test_fsdp import torchrun
 
     _chat_model(tmp_path / "policy")
     args = ["rl", "--model", str(tmp_path / "policy"), "--task", _task(tmp_path)]

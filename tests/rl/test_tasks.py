@@ -198,7 +198,7 @@ def test_arith_conversations_round_trip_through_the_chat_template(tokenizer):
 @pytest.mark.parametrize("flag, reasoned", [(["--thinking", "0.25"], 5), (["--thinking"], 20), ([], 0)])
 def test_gpt2lab_data_arith_writes_a_share_of_the_conversations_with_thinking(tmp_path, capsys, flag, reasoned):
     """--thinking 0.25: every fourth conversation reasons first (spread through the file), the rest answer."""
-    from gpt2lab.cli import main
+    from gpt2lab.cli.main import main
 
     out = tmp_path / "arith.jsonl"
     assert main(["data", "arith", "--out", str(out), "--n", "20", *flag]) == 0

@@ -16,11 +16,12 @@ import time
 
 import torch
 
-from gpt2lab.dist import default_device
 from gpt2lab.eval.common import score_pairs
 from gpt2lab.eval.hellaswag import NUM_ENDINGS, describe, encode, load_examples, locate
-from gpt2lab.model import GPT, GPTConfig
-from gpt2lab.tokenizer import get_tokenizer
+from gpt2lab.model.config import GPTConfig
+from gpt2lab.model.gpt import GPT
+from gpt2lab.runtime.dist import default_device
+from gpt2lab.tokenizer.bpe import get_tokenizer
 
 
 def _sync(device: str) -> None:
@@ -31,7 +32,7 @@ def _sync(device: str) -> None:
 def bench_eval_command(args: argparse.Namespace) -> int:
     device = args.device or default_device()
     if args.model:
-        from gpt2lab.loading import load_model
+        from gpt2lab.interop.load import load_model
 
         model = load_model(args.model, device)
     else:

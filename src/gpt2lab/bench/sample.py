@@ -22,8 +22,10 @@ import torch
 
 from gpt2lab.bench.stats import ratio
 from gpt2lab.errors import Gpt2LabError
-from gpt2lab.generate import generate_ids
-from gpt2lab.model import GPT, GPTConfig, KVCache
+from gpt2lab.inference.generate import generate_ids
+from gpt2lab.inference.kv_cache import KVCache
+from gpt2lab.model.config import GPTConfig
+from gpt2lab.model.gpt import GPT
 
 
 def to_transformers(model: GPT):
@@ -33,7 +35,7 @@ def to_transformers(model: GPT):
         from transformers import AutoModelForCausalLM
     except ImportError:
         raise Gpt2LabError("gpt2lab bench sample compares against transformers: pip install 'gpt2lab[hf]'") from None
-    from gpt2lab.hf import export_hf
+    from gpt2lab.interop.hf import export_hf
 
     param = next(model.parameters())
     with tempfile.TemporaryDirectory() as folder:
@@ -109,7 +111,7 @@ def bench_batch(model: GPT, hf_model, prompt: list[int], batch: int, new_tokens:
 
 
 def _build_model(args) -> GPT:
-    from gpt2lab.loading import DTYPES, load_model
+    from gpt2lab.interop.load import DTYPES, load_model
 
     if args.model is None:
         torch.manual_seed(0)
@@ -123,10 +125,10 @@ def bench_sample(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from gpt2lab.dist import default_device
-    from gpt2lab.generate import _check_device
+    from gpt2lab.inference.generate import check_device
+    from gpt2lab.runtime.dist import default_device
 
-    args.device = _check_device(args.device or default_device())
+    args.device = check_device(args.device or default_device())
     if args.compare:  # the plain path against the fastest one for this device
         args.decode = ["eager", "graph" if args.device.startswith("cuda") else "static"]
     if args.new_tokens < 1 or args.prompt_tokens < 1 or args.repeats < 1 or args.warmup < 0:
@@ -163,7 +165,7 @@ def bench_sample(args: argparse.Namespace) -> int:
         f"KV cache: {kv_bytes:,} bytes per token ({model.config.attention}: {model.config.n_layer} layers x {heads} "
         f"x ({k_dim} + {v_dim}) numbers x {next(model.parameters()).element_size()} bytes)"
     )
-    from gpt2lab.train import peak_flops
+    from gpt2lab.train.loop import peak_flops
 
     peak_rate = peak_flops(args.device)
     flops_per_token = 2 * model.num_params()  # a forward pass: one multiply-add per weight

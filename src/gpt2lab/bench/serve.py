@@ -1,6 +1,6 @@
 """`gpt2lab bench serve`: what continuous batching buys, measured through the real HTTP server.
 
-The server (``gpt2lab.chat.server``, the app `gpt2lab serve` runs) is started in this process on a free
+The server (``gpt2lab.serve.server``, the app `gpt2lab serve` runs) is started in this process on a free
 local port; for each client count C, C threads of another process (so the clients' Python never holds
 the server's GIL) each send ``--requests`` streaming chat requests one after another (``max_tokens`` new
 tokens each, the end token never sampled). Reported per C: aggregate tokens/s
@@ -26,10 +26,11 @@ from gpt2lab.errors import Gpt2LabError
 def _model(spec: str | None, device: str, dtype: str | None):
     """The model served: --model, or a random GPT-2 124M with the chat vocabulary (no download)."""
     from gpt2lab.chat.base import CHAT_VOCAB_SIZE
-    from gpt2lab.model import GPT, GPTConfig
+    from gpt2lab.model.config import GPTConfig
+    from gpt2lab.model.gpt import GPT
 
     if spec:
-        from gpt2lab.loading import load_model
+        from gpt2lab.interop.load import load_model
 
         return load_model(spec, device, dtype)
     torch.manual_seed(0)
@@ -81,19 +82,19 @@ def run_level(url: str, clients: int, requests: int, max_tokens: int) -> dict:
 
 
 def bench_serve(args: argparse.Namespace) -> int:
-    from gpt2lab.chat.engine import Engine
-    from gpt2lab.chat.limits import ServeLimits
-    from gpt2lab.chat.server import Service, create_app, serve_in_thread
-    from gpt2lab.dist import default_device
-    from gpt2lab.generate import _check_device
-    from gpt2lab.tokenizer import get_tokenizer
-    from gpt2lab.tokenizer_match import model_tokenizer
+    from gpt2lab.inference.engine import Engine
+    from gpt2lab.inference.generate import check_device
+    from gpt2lab.interop.tokenizer_match import model_tokenizer
+    from gpt2lab.runtime.dist import default_device
+    from gpt2lab.serve.limits import ServeLimits
+    from gpt2lab.serve.server import Service, create_app, serve_in_thread
+    from gpt2lab.tokenizer.bpe import get_tokenizer
 
     if min(args.clients) < 1 or args.requests < 1 or args.max_tokens < 1:
         raise Gpt2LabError("--clients, --requests and --max-tokens must be >= 1")
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = _check_device(args.device or default_device())
+    device = check_device(args.device or default_device())
     model = _model(args.model, device, args.dtype)
     tokenizer = model_tokenizer(args.model) if args.model else get_tokenizer()
     engine = Engine(model, max_batch=args.max_batch, max_queue=max(args.clients) * 2)

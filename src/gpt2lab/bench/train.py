@@ -1,6 +1,6 @@
 """`gpt2lab bench train`: the speed of one training step, compile off/on or plain vs optimised.
 
-It times the real step (``gpt2lab.train.train_step``: forward, backward, clipping, AdamW) on
+It times the real step (``gpt2lab.train.loop.train_step``: forward, backward, clipping, AdamW) on
 a config's model, micro-batch and precision, over random tokens (so no dataset is needed and
 data loading is not part of the figure). The variants: torch.compile off and on (the config's
 other [perf] switches kept), or with ``--compare`` the plain path (eager, plain logits + loss,
@@ -66,11 +66,11 @@ class Variant:
     peak_extra: int = 0  # CUDA: the largest allocation growth within one of its steps, bytes
 
     def __post_init__(self) -> None:
-        from gpt2lab.hardware import attention_backend
-        from gpt2lab.model import GPT
-        from gpt2lab.optim import make_optimizer
-        from gpt2lab.perf import prepare_model, step_context
-        from gpt2lab.train import precision
+        from gpt2lab.model.gpt import GPT
+        from gpt2lab.runtime.hardware import attention_backend
+        from gpt2lab.train.loop import precision
+        from gpt2lab.train.optim import make_optimizer
+        from gpt2lab.train.perf import prepare_model, step_context
 
         cfg, device_type = self.cfg, torch.device(self.device).type
         dtype = precision(cfg.train.dtype, device_type)
@@ -85,9 +85,9 @@ class Variant:
 
     def step(self) -> float:
         """One optimizer step; its wall seconds."""
-        from gpt2lab.optim import lr_at, set_lr
-        from gpt2lab.perf import set_attention_backend
-        from gpt2lab.train import train_step
+        from gpt2lab.train.loop import train_step
+        from gpt2lab.train.optim import lr_at, set_lr
+        from gpt2lab.train.perf import set_attention_backend
 
         set_attention_backend(self.attn_backend)  # process-wide: the variants may differ
         set_lr(self.optimizer, lr_at(len(self.losses), self.cfg.optim))
@@ -140,7 +140,7 @@ def _peak_memory(variant: Variant) -> str:
 
 
 def _row(variant: Variant, times: list[float]) -> dict[str, str]:
-    from gpt2lab.train import peak_flops
+    from gpt2lab.train.loop import peak_flops
 
     cfg = variant.cfg
     seconds = statistics.median(times)  # the median round: robust to a round slowed by other work
@@ -170,13 +170,13 @@ def bench_train_command(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
     from gpt2lab.config import load_config
-    from gpt2lab.dist import default_device
+    from gpt2lab.runtime.dist import default_device
 
     cfg = load_config(args.config, args.set)
     if args.steps < 1 or args.warmup < 0 or args.grad_accum < 1:
         raise Gpt2LabError("--steps and --grad-accum must be >= 1, --warmup >= 0")
     device = default_device() if cfg.train.device == "auto" else cfg.train.device
-    from gpt2lab.hardware import preflight, print_notices
+    from gpt2lab.runtime.hardware import preflight, print_notices
 
     timed = replace(cfg, perf=replace(cfg.perf, compile=True)) if not args.compare and args.compile != "off" else cfg
     chosen = _variants(cfg.perf, args.compare, args.compile)
@@ -217,7 +217,7 @@ def _variants(perf, compare: bool, compile_choice: str) -> list[tuple[str, objec
     """(label, PerfConfig) of each variant to time."""
     from dataclasses import replace
 
-    from gpt2lab.perf import PerfConfig
+    from gpt2lab.train.perf import PerfConfig
 
     if compare:
         return [("plain", PerfConfig(compile=False)), ("optimised", perf)]

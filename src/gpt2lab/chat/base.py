@@ -1,7 +1,7 @@
 """The model an SFT run starts from, given the chat vocabulary; and whether a model is a chat model.
 
 GPT-2's embedding has 50,304 rows when padded (gpt2lab's runs) and 50,257 when loaded from Hugging Face; the
-chat's special tokens take ids 50,257 onwards (``gpt2lab.tokenizer.SPECIAL_TOKENS``). A chat model's
+chat's special tokens take ids 50,257 onwards (``gpt2lab.tokenizer.bpe.SPECIAL_TOKENS``). A chat model's
 ``vocab_size`` counts them, so the loss trains them and sampling can draw <|assistant_end|>; where the base
 has no spare rows, its embedding grows to the next multiple of 64. Rows that were never a token (padding, or
 new) start as the mean of the real tokens' embeddings, so a special token's first logits are ordinary ones
@@ -17,10 +17,11 @@ from pathlib import Path
 
 import torch
 
-from gpt2lab.checkpoint import CONFIG_NAME, TRAIN_STATE_KEY, read_json, read_model_config
+from gpt2lab.checkpoint.folder import CONFIG_NAME, TRAIN_STATE_KEY, read_json, read_model_config
 from gpt2lab.errors import Gpt2LabError
-from gpt2lab.model import GPT, GPTConfig
-from gpt2lab.tokenizer import SPECIAL_TOKENS, VOCAB_SIZE
+from gpt2lab.model.config import GPTConfig
+from gpt2lab.model.gpt import GPT
+from gpt2lab.tokenizer.bpe import SPECIAL_TOKENS, VOCAB_SIZE
 
 CHAT_VOCAB_SIZE = VOCAB_SIZE + len(SPECIAL_TOKENS)
 
@@ -37,7 +38,7 @@ def chat_model_config(config: GPTConfig, n_vocab: int = CHAT_VOCAB_SIZE) -> GPTC
 
 def base_tokenizer(spec: str):
     """The tokenizer of the model an SFT run fine-tunes (None: GPT-2's); it must hold the chat's role tokens."""
-    from gpt2lab.tokenizer_match import model_tokenizer
+    from gpt2lab.interop.tokenizer_match import model_tokenizer
 
     tok = model_tokenizer(spec, load_gpt2=False)
     if tok is not None:  # a clear error for a tokenizer without them
@@ -53,8 +54,8 @@ def sft_vocab(tok) -> int:
 
 def base_model_config(spec: str) -> GPTConfig:
     """The GPTConfig of a --model spec (run, checkpoint, Hugging Face folder or name), weights not read."""
-    from gpt2lab.hf import config_from_hf
-    from gpt2lab.loading import resolve
+    from gpt2lab.interop.hf import config_from_hf
+    from gpt2lab.interop.load import resolve
 
     kind, folder = resolve(spec)
     if kind == "checkpoint":
@@ -74,7 +75,7 @@ def _fresh_rows(spec: str, tok, V: int, rows: int) -> list[int]:
 @torch.no_grad()
 def load_base_weights(model: GPT, spec: str) -> None:
     """Copy the base model's weights into ``model`` (its chat config); rows it lacks or never trained: the mean."""
-    from gpt2lab.loading import load_model
+    from gpt2lab.interop.load import load_model
 
     base = load_model(spec)
     V = base.config.vocab_size
@@ -108,7 +109,7 @@ def load_base_weights(model: GPT, spec: str) -> None:
 def is_chat_model(spec: str) -> bool:
     """True for a model fine-tuned by ``gpt2lab sft`` (its run config has [sft] data) or trained further by
     ``gpt2lab rl`` ([rl] task), or exported with the chat template; False for a base model."""
-    from gpt2lab.loading import resolve
+    from gpt2lab.interop.load import resolve
 
     kind, folder = resolve(spec)
     if kind == "checkpoint":

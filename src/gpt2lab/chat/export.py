@@ -1,8 +1,8 @@
-"""`gpt2lab export` of a chat model: the Hugging Face folder of ``gpt2lab.hf``, plus what makes it a chat model.
+"""`gpt2lab export` of a chat model: the Hugging Face folder of ``gpt2lab.interop.hf``, plus what makes it a chat model.
 
 For a model fine-tuned by ``gpt2lab sft`` the folder also gets
 - the special tokens as added tokens of the tokenizer (``added_tokens_decoder`` in tokenizer_config.json, at the
-  ids ``gpt2lab.tokenizer`` gives them, or a trained tokenizer's own ids, its tokenizer.json beside), so
+  ids ``gpt2lab.tokenizer.bpe`` gives them, or a trained tokenizer's own ids, its tokenizer.json beside), so
   transformers never splits them and never makes them from text other than their exact strings;
 - ``chat_template``: ``gpt2lab.chat.template.CHAT_TEMPLATE``, the same rendering as ``render`` (tests compare
   ``apply_chat_template(..., add_generation_prompt=True)`` with gpt2lab's ids). One difference is
@@ -18,7 +18,7 @@ import json
 from pathlib import Path
 
 from gpt2lab.chat.template import CHAT_TEMPLATE
-from gpt2lab.tokenizer import EOT_ID, EOT_TOKEN, SPECIAL_IDS, SPECIAL_TOKENS, TOKENIZER_JSON, TrainedTokenizer
+from gpt2lab.tokenizer.bpe import EOT_ID, EOT_TOKEN, SPECIAL_IDS, SPECIAL_TOKENS, TOKENIZER_JSON, TrainedTokenizer
 
 
 def _added(content: str) -> dict:
@@ -30,7 +30,7 @@ def write_chat_files(out_dir: str | Path) -> None:
     """Add the chat's special tokens, template and stopping rule to an exported folder (tokenizer files there).
 
     With a trained tokenizer (tokenizer.json there) the ids are that tokenizer's own: tokenizer.json already
-    holds <|endoftext|> and SPECIAL_TOKENS as special added tokens (``gpt2lab.bpe``).
+    holds <|endoftext|> and SPECIAL_TOKENS as special added tokens (``gpt2lab.tokenizer.train``).
     """
     out_dir = Path(out_dir)
     path = out_dir / "tokenizer_config.json"

@@ -21,7 +21,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 from gpt2lab.errors import Gpt2LabError
-from gpt2lab.tokenizer import EOT_TOKEN, SPECIAL_TOKENS
+from gpt2lab.tokenizer.bpe import EOT_TOKEN, SPECIAL_TOKENS
 
 ROLES = ("system", "user", "assistant")
 # A base model (never fine-tuned on the special tokens) is spoken to in a plain transcript instead,

@@ -1,7 +1,7 @@
 """`gpt2lab chat`: a multi-turn conversation in the terminal, streamed token by token.
 
 Each turn renders the whole history with ``gpt2lab.chat.template`` (the format SFT trained) and decodes with
-``gpt2lab.generate`` until <|assistant_end|>. When the history no longer fits the context (the prompt plus
+``gpt2lab.inference.generate`` until <|assistant_end|>. When the history no longer fits the context (the prompt plus
 room for a reply), the oldest turns are dropped, the system message kept, and a notice says so. Text is
 released only at whole UTF-8 characters (``TextStream``). Ctrl-C stops the current reply and keeps what was
 said; at the prompt it leaves. A base model (not fine-tuned with ``gpt2lab sft``) has never seen the special
@@ -18,10 +18,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TextIO
 
-from gpt2lab.chat.limits import DEFAULT_TEMPERATURE, DEFAULT_TOP_K
+from gpt2lab.chat.defaults import DEFAULT_TEMPERATURE, DEFAULT_TOP_K
 from gpt2lab.chat.template import PLAIN_STOP, fit_history, render_plain_prompt, render_prompt
 from gpt2lab.errors import Gpt2LabError
-from gpt2lab.generate import TextStream, check_sampling_args, generate
+from gpt2lab.inference.generate import TextStream, check_sampling_args, generate
 
 HELP = "commands: /reset (new conversation), /system TEXT, /temp X, /quit; Ctrl-C stops a reply"
 
@@ -31,7 +31,7 @@ class Sampling:
     """The sampling settings of a reply (the flags of `gpt2lab sample`)."""
 
     max_new_tokens: int = 256
-    temperature: float = DEFAULT_TEMPERATURE  # the server's too (gpt2lab.chat.limits)
+    temperature: float = DEFAULT_TEMPERATURE  # the server's too (gpt2lab.serve.limits)
     top_k: int | None = DEFAULT_TOP_K
     top_p: float | None = None
     seed: int | None = None
@@ -41,7 +41,7 @@ class Sampling:
 class Chat:
     """A conversation with one model: its history and how replies are sampled."""
 
-    model: object  # gpt2lab.model.GPT, in eval mode
+    model: object  # gpt2lab.model.gpt.GPT, in eval mode
     tokenizer: object
     chat_model: bool = True  # False: a base model, spoken to in a plain-text transcript
     system: str = ""
@@ -189,14 +189,14 @@ def run(chat: Chat, stdin: TextIO, out: TextIO) -> None:
 def chat_command(args: argparse.Namespace) -> int:
     """`gpt2lab chat --model RUN`: load the model, warn if it is a base model, then talk."""
     from gpt2lab.chat.base import is_chat_model
-    from gpt2lab.dist import default_device
-    from gpt2lab.generate import _check_device
-    from gpt2lab.loading import load_model
-    from gpt2lab.tokenizer_match import model_tokenizer
+    from gpt2lab.inference.generate import check_device
+    from gpt2lab.interop.load import load_model
+    from gpt2lab.interop.tokenizer_match import model_tokenizer
+    from gpt2lab.runtime.dist import default_device
 
     sampling = Sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed)
     check_sampling_args(1, sampling.max_new_tokens, sampling.temperature, sampling.top_k, sampling.top_p)
-    device = _check_device(args.device or default_device())
+    device = check_device(args.device or default_device())
     tokenizer = model_tokenizer(args.model, args.tokenizer)  # the model's own: GPT-2's or a trained one
     chat_model = is_chat_model(args.model)
     model = load_model(args.model, device, args.dtype)

@@ -29,7 +29,7 @@ from gpt2lab.data.shards import (
     write_json,
 )
 from gpt2lab.errors import Gpt2LabError
-from gpt2lab.tokenizer import EOT_ID
+from gpt2lab.tokenizer.bpe import EOT_ID
 
 _SHOWN = {  # the settings that matter for each source
     "shakespeare": ["shard_size"],

@@ -29,7 +29,7 @@ import torch
 
 from gpt2lab.data.shards import open_shard, read_header, read_manifest, split_shards
 from gpt2lab.errors import Gpt2LabError
-from gpt2lab.hardware import pin_memory
+from gpt2lab.runtime.hardware import pin_memory
 
 _MAX_OPEN_SHARDS = 8  # memmaps kept open at once; a batch spans at most a couple of shards
 
@@ -152,7 +152,7 @@ class ShardLoader:
         self.batch += 1
         x = torch.from_numpy(buf[:, :-1].astype(np.int64))  # (B, T), contiguous copies
         y = torch.from_numpy(buf[:, 1:].astype(np.int64))
-        if pin_memory(self.device):  # pinned host memory lets the copy overlap with compute (gpt2lab.hardware)
+        if pin_memory(self.device):  # pinned host memory lets the copy overlap with compute (gpt2lab.runtime.hardware)
             return x.pin_memory().to(self.device, non_blocking=True), y.pin_memory().to(self.device, non_blocking=True)
         return x.to(self.device), y.to(self.device)
 

@@ -69,7 +69,7 @@ from gpt2lab.data.shards import (
 from gpt2lab.data.sources import SourceOptions, get_source
 from gpt2lab.errors import Gpt2LabError
 from gpt2lab.mirror import mirror_dir
-from gpt2lab.tokenizer import (
+from gpt2lab.tokenizer.bpe import (
     TOKENIZER_JSON,
     TOKENIZER_META,
     Tokenizer,
@@ -77,7 +77,7 @@ from gpt2lab.tokenizer import (
     get_tokenizer,
     load_files,
 )
-from gpt2lab.tokenizer import load_tokenizer as load_spec
+from gpt2lab.tokenizer.bpe import load_tokenizer as load_spec
 
 STATE = "prepare_state.json"
 TASK_DOCS, TASK_CHARS = 512, 1 << 18  # a task: up to 512 documents or 256K characters

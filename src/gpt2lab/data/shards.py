@@ -166,7 +166,7 @@ def split_shards(data_dir: str | Path, manifest: dict, split: str) -> list[dict]
 
 def manifest_tokenizer(manifest: dict) -> dict:
     """The tokenizer a dataset was made with: name, sha256, vocab_size, eot (a manifest without one: GPT-2's)."""
-    from gpt2lab.tokenizer import EOT_ID, GPT2_HASH, VOCAB_SIZE
+    from gpt2lab.tokenizer.bpe import EOT_ID, GPT2_HASH, VOCAB_SIZE
 
     record = {"name": "gpt2", "hash": GPT2_HASH, "vocab_size": VOCAB_SIZE, "eot": EOT_ID}
     return record | manifest.get("tokenizer", {})
@@ -174,7 +174,7 @@ def manifest_tokenizer(manifest: dict) -> dict:
 
 def dataset_tokenizer(data_dir: str | Path, manifest: dict | None = None):
     """The tokenizer that made a dataset's shards: GPT-2's, or the trained one whose tokenizer.json lies beside them."""
-    from gpt2lab.tokenizer import get_tokenizer, load_tokenizer
+    from gpt2lab.tokenizer.bpe import get_tokenizer, load_tokenizer
 
     record = manifest_tokenizer(manifest or read_manifest(data_dir))
     if record["name"] == "gpt2":

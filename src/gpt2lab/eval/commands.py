@@ -10,9 +10,9 @@ import argparse
 import datetime
 import importlib
 
-from gpt2lab.dist import DistInfo, destroy_distributed, init_distributed, print0
 from gpt2lab.eval.common import format_table, write_json
-from gpt2lab.tokenizer import Tokenizer
+from gpt2lab.runtime.dist import DistInfo, destroy_distributed, init_distributed, print0
+from gpt2lab.tokenizer.bpe import Tokenizer
 
 TASKS = ("hellaswag", "wikitext2", "lambada", "loss")
 
@@ -42,12 +42,12 @@ def _run_task(task: str, model, tokenizer: Tokenizer, args: argparse.Namespace, 
             model, tokenizer, info.device, _data(args, task), limit, args.context, args.stride, **common
         )
     from gpt2lab.eval.loss import run_loss
-    from gpt2lab.tokenizer_match import check_same, data_tokenizer_record, record_of
+    from gpt2lab.interop.tokenizer_match import check_same, data_tokenizer_record, record_of
 
     shards = f"the shards of {args.data} were made with"
     check_same(record_of(tokenizer), data_tokenizer_record(args.data), f"the model {args.model}", shards)
     if args.rope_scaling is not None or (args.seq_len or 0) > model.config.block_size:  # loss runs last in `all`
-        from gpt2lab.generate import extend_context
+        from gpt2lab.inference.generate import extend_context
 
         extend_context(model.config, args.seq_len or model.config.block_size, args.rope_scaling or "none")
     return run_loss(
@@ -80,8 +80,8 @@ def _summary(results: dict) -> list[tuple[str, object]]:
 
 
 def eval_command(args: argparse.Namespace) -> int:
-    from gpt2lab.loading import load_model
-    from gpt2lab.tokenizer_match import model_tokenizer
+    from gpt2lab.interop.load import load_model
+    from gpt2lab.interop.tokenizer_match import model_tokenizer
 
     tasks = [t for t in TASKS if t != "loss" or args.data] if args.task == "all" else [args.task]
     _check_inputs(args, tasks)

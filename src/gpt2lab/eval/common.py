@@ -29,8 +29,8 @@ from tqdm import tqdm
 from gpt2lab.data.sources import iter_jsonl
 from gpt2lab.errors import Gpt2LabError
 from gpt2lab.mirror import mirror_file as mirror_file  # the evaluations' files in the offline mirror
-from gpt2lab.model import GPT
-from gpt2lab.tokenizer import EOT_ID
+from gpt2lab.model.gpt import GPT
+from gpt2lab.tokenizer.bpe import EOT_ID
 
 Pair = tuple[Sequence[int], Sequence[int]]  # (context ids, continuation ids)
 

@@ -34,10 +34,10 @@ import torch
 from tqdm import tqdm
 
 from gpt2lab.chat.template import PLAIN_STOP, render_plain_prompt, render_prompt, split_reply
-from gpt2lab.dist import destroy_distributed, init_distributed, print0
 from gpt2lab.errors import Gpt2LabError
 from gpt2lab.eval.common import all_reduce_sum, format_table, raw_model, write_json
-from gpt2lab.generate import check_sampling_args, generate, generate_ids
+from gpt2lab.inference.generate import check_sampling_args, generate, generate_ids
+from gpt2lab.runtime.dist import destroy_distributed, init_distributed, print0
 
 if TYPE_CHECKING:
     from gpt2lab.rl.tasks import Problem, Task
@@ -278,9 +278,9 @@ def capped_note(max_new_tokens: int, block_size: int, results: dict) -> str:
 def generative_command(args: argparse.Namespace) -> int:
     """`gpt2lab eval gsm8k|arith`: find the problems, load the model, generate, score, print a table or JSON."""
     from gpt2lab.chat.base import is_chat_model
-    from gpt2lab.loading import load_model
+    from gpt2lab.interop.load import load_model
+    from gpt2lab.interop.tokenizer_match import model_tokenizer
     from gpt2lab.rl.tasks import get_task
-    from gpt2lab.tokenizer_match import model_tokenizer
 
     if args.limit is not None and args.limit < 1:
         raise Gpt2LabError(f"--limit must be >= 1 (got {args.limit})")

@@ -33,10 +33,10 @@ from pathlib import Path
 
 import torch
 
-from gpt2lab.dist import print0
 from gpt2lab.errors import Gpt2LabError
 from gpt2lab.eval.common import Pair, Scores, all_reduce_sum, format_table, mirror_file, read_jsonl, score_pairs, shard
-from gpt2lab.tokenizer import Tokenizer
+from gpt2lab.runtime.dist import print0
+from gpt2lab.tokenizer.bpe import Tokenizer
 
 OFFICIAL_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
 OFFICIAL_SHA256 = "0aa3b88843990f3f10a97b9575c94d7b71fb2205240ba04ae4884d9e9c992588"

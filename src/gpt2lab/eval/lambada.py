@@ -26,10 +26,10 @@ from pathlib import Path
 
 import torch
 
-from gpt2lab.dist import print0
 from gpt2lab.errors import Gpt2LabError
 from gpt2lab.eval.common import Pair, Scores, all_reduce_sum, format_table, mirror_file, read_jsonl, score_pairs, shard
-from gpt2lab.tokenizer import Tokenizer
+from gpt2lab.runtime.dist import print0
+from gpt2lab.tokenizer.bpe import Tokenizer
 
 MIRROR_PATH = "lambada/lambada_test.jsonl"
 URL = "https://openaipublic.blob.core.windows.net/gpt-2/data/lambada_test.jsonl"

@@ -23,9 +23,9 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from gpt2lab.dist import print0
 from gpt2lab.errors import Gpt2LabError
 from gpt2lab.eval.common import all_reduce_sum, autocast, format_table, raw_model
+from gpt2lab.runtime.dist import print0
 
 
 @torch.no_grad()
@@ -94,7 +94,7 @@ def run_loss(
 ) -> dict:
     """The ``eval loss`` command's work: score the split, print a table; returns the results."""
     from gpt2lab.data.shards import dataset_tokenizer
-    from gpt2lab.tokenizer import token_byte_lengths
+    from gpt2lab.tokenizer.bpe import token_byte_lengths
 
     token_bytes = torch.tensor(token_byte_lengths(dataset_tokenizer(data)), dtype=torch.float64)
     result = evaluate_loss(

@@ -31,10 +31,10 @@ from pathlib import Path
 
 import torch
 
-from gpt2lab.dist import print0
 from gpt2lab.errors import Gpt2LabError
 from gpt2lab.eval.common import Pair, all_reduce_sum, format_table, mirror_file, raw_model, score_pairs, shard
-from gpt2lab.tokenizer import Tokenizer
+from gpt2lab.runtime.dist import print0
+from gpt2lab.tokenizer.bpe import Tokenizer
 
 MIRROR_PATH = "wikitext2/wiki.test.tokens"
 DEFAULT_STRIDE = 512

@@ -1,6 +1,6 @@
 """`gpt2lab rl`: reinforcement learning with verifiable rewards through the one training loop.
 
-The CLI glue, like ``gpt2lab.chat.sft``: it builds a Config whose [model] is the policy's (a chat model),
+The CLI glue, like ``gpt2lab.sft.command``: it builds a Config whose [model] is the policy's (a chat model),
 whose [rl] names the task, and whose [optim] schedule is [rl]'s; ``train.train`` runs it, with batches
 from ``gpt2lab.rl.rollout.RolloutLoader`` (train.setup picks it when rl.task is set). One optimizer step
 takes rl.prompts_per_step prompts x rl.group_size completions, in micro-batches of train.micro_batch rows.
@@ -22,7 +22,7 @@ from gpt2lab.config import (
     validate,
 )
 from gpt2lab.errors import Gpt2LabError
-from gpt2lab.train import train
+from gpt2lab.train.loop import train
 
 # An RL run's defaults where the config and --set say nothing: every step logged, checkpointed often.
 RL_DEFAULTS = {

@@ -2,7 +2,7 @@
 
 ``train.setup`` picks ``RolloutLoader`` when rl.task is set. At the first micro-batch of a step the loader
 samples ``rl.group_size`` completions for each of its prompts from the current policy (the model being
-trained, in eval mode, through ``gpt2lab.generate``'s KV cache), rewards them with the task's verifier,
+trained, in eval mode, through ``gpt2lab.inference.generate``'s KV cache), rewards them with the task's verifier,
 turns rewards into group-relative advantages (``gpt2lab.rl.grpo``) and serves the step's micro-batches:
 prompt + completion rows whose targets are the completion's tokens (the prompt's are -1) and whose
 weights are the advantages. The loop's SFT path averages the loss over the step's trained tokens
@@ -26,7 +26,7 @@ import torch
 from gpt2lab.chat.template import render_prompt, split_reply
 from gpt2lab.errors import Gpt2LabError
 from gpt2lab.eval.common import all_reduce_sum
-from gpt2lab.generate import generate_ids
+from gpt2lab.inference.generate import generate_ids
 from gpt2lab.rl.grpo import entropy, group_advantages, policy_loss, token_logprobs
 from gpt2lab.rl.tasks import ARITH_DIGITS
 
@@ -114,7 +114,7 @@ class RolloutLoader:
         self.entropies: list[float] = []
         self.reference = None
         if rl.kl > 0:  # the frozen starting policy the KL penalty keeps it near (read again on a resume)
-            from gpt2lab.loading import load_model
+            from gpt2lab.interop.load import load_model
 
             param = next(model.parameters())
             self.reference = load_model(rl.model, param.device, param.dtype).requires_grad_(False)

@@ -1,0 +1,1 @@
+"""The ``gpt2lab`` command: ``main.py`` parses and dispatches, each handler importing its stage lazily."""
