@@ -46,6 +46,13 @@ def test_python_m_gpt2lab_help():
         assert command in result.stdout
 
 
+def test_importing_the_cli_does_not_import_torch():
+    """`gpt2lab --help` stays fast: the parser and its subcommands' builders import their stages lazily."""
+    code = "import sys, gpt2lab.cli.main; assert 'torch' not in sys.modules"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+
+
 def test_sample_greedy_prints_prompt_and_the_model_continuation(capsys, checkpoint, tokenizer):
     code, out, err = run(
         capsys, "sample", "--model", checkpoint, "--prompt", "Hello, I'm", "--max-new-tokens", 12, "--temperature", 0

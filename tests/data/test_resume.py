@@ -10,8 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from gpt2lab.data import prepare as prepare_module
-from gpt2lab.data import sources
+from gpt2lab.data import encode, sources
 from gpt2lab.data.prepare import STATE, Settings, prepare
 from gpt2lab.errors import Gpt2LabError
 from tests.data.conftest import write_jsonl
@@ -91,7 +90,7 @@ def test_killed_worker_then_resume(tmp_path, monkeypatch, settings, reference):
         os.kill(victim.pid, signal.SIGKILL)
         victim.join()
 
-    monkeypatch.setattr(prepare_module, "TASK_DOCS", 64)  # small tasks: the look-ahead ends well before the stream
+    monkeypatch.setattr(encode, "TASK_DOCS", 64)  # small tasks: the look-ahead ends well before the stream
     monkeypatch.setitem(sources.SOURCES, "files", _interrupting_source(out, 3, kill_a_worker))
     with pytest.raises(Gpt2LabError, match="worker process died"):
         prepare(settings, out, workers=2, quiet=True)
@@ -118,8 +117,8 @@ def test_gutenberg_resume_skips_done_books(tmp_path, monkeypatch, shared_data):
         prepare(settings, out, workers=1, quiet=True)
     monkeypatch.undo()
     tokenized = []
-    real_encode = prepare_module.encode_documents
-    monkeypatch.setattr(prepare_module, "encode_documents", lambda texts: tokenized.extend(texts) or real_encode(texts))
+    real_encode = encode.encode_documents
+    monkeypatch.setattr(encode, "encode_documents", lambda texts: tokenized.extend(texts) or real_encode(texts))
     assert prepare(settings, out, workers=1, quiet=True)["splits"] == reference["splits"]
     assert _files_bytes(out) == _files_bytes(tmp_path / "ref")
     assert len(tokenized) == 2  # lady_susan, inside a complete train shard, was not tokenized again

@@ -11,8 +11,7 @@ import numpy as np
 import pytest
 
 from gpt2lab.cli.main import main
-from gpt2lab.data import prepare as prepare_module
-from gpt2lab.data import sources
+from gpt2lab.data import encode, sources
 from gpt2lab.data.prepare import STATE, Settings, prepare
 from tests.data.conftest import make_dataset
 
@@ -123,7 +122,7 @@ def test_capped_val_split_streams_and_resumes_byte_identical(tmp_path, monkeypat
     else:
         assert len(val) == 600 and train[0] != EOT  # a cut inside a document
     out = tmp_path / "ds"
-    monkeypatch.setattr(prepare_module, "TASK_DOCS", 1)  # a task per document: the stop lands mid-stream
+    monkeypatch.setattr(encode, "TASK_DOCS", 1)  # a task per document: the stop lands mid-stream
     monkeypatch.setitem(sources.SOURCES, "files", _interrupting(out, 4))
     with pytest.raises(KeyboardInterrupt):
         prepare(settings, out, workers=1, quiet=True)

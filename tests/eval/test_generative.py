@@ -16,7 +16,8 @@ from gpt2lab.cli.main import main
 from gpt2lab.eval.generative import evaluate, pass_at_k, pass_ks
 from gpt2lab.model.config import GPTConfig
 from gpt2lab.model.gpt import GPT
-from gpt2lab.rl.tasks import GSM8K, Problem
+from gpt2lab.rl.gsm8k import GSM8K
+from gpt2lab.rl.scoring import Problem
 from tests.eval.conftest import silence_blocks
 
 LOGIT = 25.0  # a scripted token's logit: e^25 outweighs the ~50k others at logit ~0, so sampling draws it too
@@ -195,8 +196,8 @@ def test_the_command_says_once_that_an_explicit_max_new_tokens_was_capped(tmp_pa
 
 def test_arith_digits_have_one_default_in_data_eval_and_rl():
     from gpt2lab.cli.main import build_parser
+    from gpt2lab.rl.arith import Arith
     from gpt2lab.rl.rollout import RLConfig
-    from gpt2lab.rl.tasks import Arith
 
     parser = build_parser()
     defaults = {
@@ -206,6 +207,6 @@ def test_arith_digits_have_one_default_in_data_eval_and_rl():
         "Arith()": Arith().digits,
     }
     assert set(defaults.values()) == {2}, defaults
-    from gpt2lab.rl.tasks import ARITH_DIGITS  # the one place it is defined
+    from gpt2lab.rl.arith import ARITH_DIGITS  # the one place it is defined
 
     assert ARITH_DIGITS == 2

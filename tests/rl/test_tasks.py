@@ -10,7 +10,10 @@ from decimal import Decimal
 import pytest
 
 from gpt2lab.errors import Gpt2LabError
-from gpt2lab.rl.tasks import GSM8K, Arith, Problem, get_task, gsm8k_messages, load_gsm8k
+from gpt2lab.rl.arith import Arith
+from gpt2lab.rl.gsm8k import GSM8K, gsm8k_messages, load_gsm8k
+from gpt2lab.rl.scoring import Problem
+from gpt2lab.rl.tasks import get_task
 
 
 def problem(answer: str) -> Problem:

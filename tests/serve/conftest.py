@@ -34,7 +34,7 @@ def tiny_chat_model(block_size: int = 64, seed: int = 0) -> GPT:
 class Served:
     url: str
     engine: Engine
-    service: object  # gpt2lab.serve.server.Service
+    service: object  # gpt2lab.serve.service.Service
 
 
 @contextlib.contextmanager
@@ -43,7 +43,8 @@ def serving(
     **engine_kwargs,
 ) -> Iterator[Served]:  # fmt: skip
     """The app served on a free local port until the block ends (the engine stops with it)."""
-    from gpt2lab.serve.server import Service, create_app, serve_in_thread
+    from gpt2lab.serve.app import create_app, serve_in_thread
+    from gpt2lab.serve.service import Service
 
     service = Service(Engine(model, **engine_kwargs), tokenizer, chat_model, limits or ServeLimits(), "gpt2lab")
     with serve_in_thread(create_app(service, api_key)) as url:

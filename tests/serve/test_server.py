@@ -21,7 +21,8 @@ from gpt2lab.inference.generate import generate_ids
 from gpt2lab.inference.kv_cache import BatchKVCache, KVCache
 from gpt2lab.model.config import GPTConfig
 from gpt2lab.serve.limits import ServeLimits
-from gpt2lab.serve.server import StopText, check_binding
+from gpt2lab.serve.reply import StopText
+from gpt2lab.serve.server import check_binding
 from tests.conftest import assert_close_f32
 from tests.serve.conftest import serving, tiny_chat_model
 
@@ -433,7 +434,7 @@ def test_the_serve_command_serves_a_run_folder(tmp_path, tokenizer):
 
 
 def test_a_thinking_span_is_reasoning_content_apart_from_the_answer(tokenizer):
-    from gpt2lab.serve.server import ReplyText
+    from gpt2lab.serve.reply import ReplyText
 
     think, end_think = tokenizer.special_id("<think>"), tokenizer.special_id("</think>")
     ids = [think, *tokenizer.encode_ordinary("7 + 5 = 12"), end_think, *tokenizer.encode_ordinary("12 User: x")]

@@ -268,8 +268,9 @@ def test_fits_a_phone_screen(browser, live_server, tmp_path):
 def shakespeare(tokenizer):
     """A 64-token model served under its run's name, as `gpt2lab serve --model runs/shakespeare` names it."""
     from gpt2lab.inference.engine import Engine
+    from gpt2lab.serve.app import create_app, serve_in_thread
     from gpt2lab.serve.limits import ServeLimits
-    from gpt2lab.serve.server import Service, create_app, serve_in_thread
+    from gpt2lab.serve.service import Service
     from tests.serve.conftest import tiny_chat_model
 
     engine = Engine(tiny_chat_model(block_size=64), max_batch=2)

@@ -1,6 +1,6 @@
 """`gpt2lab bench serve`: what continuous batching buys, measured through the real HTTP server.
 
-The server (``gpt2lab.serve.server``, the app `gpt2lab serve` runs) is started in this process on a free
+The server (``gpt2lab.serve.app``, the app `gpt2lab serve` runs) is started in this process on a free
 local port; for each client count C, C threads of another process (so the clients' Python never holds
 the server's GIL) each send ``--requests`` streaming chat requests one after another (``max_tokens`` new
 tokens each, the end token never sampled). Reported per C: aggregate tokens/s
@@ -86,8 +86,9 @@ def bench_serve(args: argparse.Namespace) -> int:
     from gpt2lab.inference.generate import check_device
     from gpt2lab.interop.tokenizer_match import model_tokenizer
     from gpt2lab.runtime.dist import default_device
+    from gpt2lab.serve.app import create_app, serve_in_thread
     from gpt2lab.serve.limits import ServeLimits
-    from gpt2lab.serve.server import Service, create_app, serve_in_thread
+    from gpt2lab.serve.service import Service
     from gpt2lab.tokenizer.bpe import get_tokenizer
 
     if min(args.clients) < 1 or args.requests < 1 or args.max_tokens < 1:

@@ -16,6 +16,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from gpt2lab.checkpoint import atomic
 from gpt2lab.errors import Gpt2LabError
 from gpt2lab.model.config import GPTConfig
 from gpt2lab.model.gpt import GPT
@@ -46,32 +47,10 @@ def read_json(path: Path) -> dict:
     return data
 
 
-def umask() -> int:
-    """This process's umask, read without changing it where Linux shows it (no race with other threads)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("Umask:"):
-                return int(line.split()[1], 8)
-    except (OSError, ValueError):
-        pass
-    mask = os.umask(0o022)  # elsewhere: the classic read-by-setting, restored at once
-    os.umask(mask)
-    return mask
-
-
 def save_tensors(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict | None = None) -> None:
     """safetensors' save_file, leaving the file readable as the umask allows (it writes 0600 otherwise)."""
     save_file(tensors, str(path), metadata=metadata)
-    os.chmod(path, 0o666 & ~umask())
-
-
-def make_temp_dir(prefix: str, parent: Path) -> Path:
-    """A new uniquely named folder in parent with the umask's permissions (mkdtemp's are 0700)."""
-    import tempfile
-
-    folder = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
-    os.chmod(folder, 0o777 & ~umask())  # it becomes the checkpoint, which others on the machine may read
-    return folder
+    os.chmod(path, 0o666 & ~atomic.umask())
 
 
 def is_checkpoint(folder: str | Path) -> bool:
@@ -183,11 +162,13 @@ def load_sharded_weights(model: GPT, path: Path) -> None:
 def checkpoint_dirs(run_dir: str | Path) -> list[Path]:
     """Complete checkpoints of a run, oldest first: RUN_DIR/checkpoints/step_NNNNNNN/.
 
-    A save is written to a temporary folder and renamed, so every ``step_*`` folder is complete.
+    A save is written to a temporary folder and renamed, so every ``step_*`` folder is complete; one that a save
+    killed while replacing it left aside goes back to its name first (gpt2lab.checkpoint.atomic).
     """
     root = Path(run_dir) / "checkpoints"
     if not root.is_dir():
         return []
+    atomic.recover(root)
     found = [p for p in root.glob("step_*") if p.is_dir() and p.name[5:].isdigit() and is_checkpoint(p)]
     return sorted(found, key=lambda p: int(p.name[5:]))
 
@@ -203,7 +184,7 @@ def find_latest(run_dir: str | Path) -> Path | None:
 # state dict: tensors and plain values, read back with weights_only=True), rng.safetensors (the
 # RNG states of every rank as tensors) and, in config.json under "train_state", the readable
 # loop state (step, loader states, resolved config, git commit). It is written into a hidden
-# temporary folder in checkpoints/ and renamed to step_NNNNNNN/ once complete.
+# temporary folder in checkpoints/ and renamed to step_NNNNNNN/ once complete (gpt2lab.checkpoint.atomic).
 
 OPTIMIZER_NAME = "optimizer.pt"
 RNG_NAME = "rng.safetensors"
@@ -259,24 +240,20 @@ def save_training_checkpoint(
     disk, so a crash during a save leaves the previous checkpoints as they were.
     """
     import shutil
-    import tempfile
 
     root = Path(run_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
+    atomic.recover(root, clean=True)  # what a killed save left: its temporary folder, a step it had moved aside
     final = root / f"step_{step:07d}"
-    tmp = make_temp_dir(f".tmp_step_{step:07d}_", root)
+    tmp = atomic.temp_dir(final)
     try:
         torch.save(optimizer.state_dict(), tmp / OPTIMIZER_NAME)
         save_tensors({k: v.contiguous() for k, v in rng_tensors.items()}, tmp / RNG_NAME)
         save_model(model, tmp, extra={TRAIN_STATE_KEY: state})
-        if final.exists():  # the same step saved twice: move the old one aside first
-            os.rename(final, Path(tempfile.mkdtemp(prefix=".old_", dir=root)) / final.name)
-        os.rename(tmp, final)
+        atomic.publish(tmp, final)  # the same step saved twice: the new one replaces the old
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    for stale in root.glob(".old_*"):
-        shutil.rmtree(stale, ignore_errors=True)
     if keep > 0:
         for old in checkpoint_dirs(run_dir)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)

@@ -40,7 +40,7 @@ from gpt2lab.inference.generate import check_sampling_args, generate, generate_i
 from gpt2lab.runtime.dist import destroy_distributed, init_distributed, print0
 
 if TYPE_CHECKING:
-    from gpt2lab.rl.tasks import Problem, Task
+    from gpt2lab.rl.scoring import Problem, Task
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:

@@ -27,8 +27,8 @@ from gpt2lab.chat.template import render_prompt, split_reply
 from gpt2lab.errors import Gpt2LabError
 from gpt2lab.eval.common import all_reduce_sum
 from gpt2lab.inference.generate import generate_ids
+from gpt2lab.rl.arith import ARITH_DIGITS
 from gpt2lab.rl.grpo import entropy, group_advantages, policy_loss, token_logprobs
-from gpt2lab.rl.tasks import ARITH_DIGITS
 
 
 @dataclass

@@ -144,7 +144,7 @@ def _messages(record: object, where: str, thinking: bool = False, calculator: st
         answer = record["output"] if "output" in record else record.get("response")
         return [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]
     if "question" in record and "answer" in record:  # GSM8K: with thinking, the solution is the reasoning
-        from gpt2lab.rl.tasks import gsm8k_messages
+        from gpt2lab.rl.gsm8k import gsm8k_messages
 
         return gsm8k_messages(record, thinking=thinking, calculator=calculator)
     keys = ", ".join(sorted(record)[:6])

@@ -13,7 +13,8 @@ Each rank writes its own shards; loading reads whatever rows the current layout 
 on 8 ranks resumes on 4 (or on one process, or under DDP). Only tensors go into ``dcp/`` (DCP reads
 tensors with ``torch.load(weights_only=True)``; the optimizer's hyper-parameters come from the config).
 A save is written into a hidden temporary folder and renamed once complete, with config.json last, so a
-kill during a save (of any rank) leaves the previous checkpoints as they were. With ``async_save`` the
+kill during a save (of any rank) leaves the previous checkpoints as they were (gpt2lab.checkpoint.atomic, as
+for plain checkpoints: a step saved twice is replaced, never deleted first). With ``async_save`` the
 shards are copied to host memory and written by a background thread while training goes on; the folder
 gets its name when the write has finished (at the next save, or when the run ends).
 
@@ -26,7 +27,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
-import os
 import shutil
 import warnings
 from pathlib import Path
@@ -34,6 +34,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from gpt2lab.checkpoint import atomic
 from gpt2lab.checkpoint import folder as ckpt
 from gpt2lab.errors import Gpt2LabError
 from gpt2lab.model.gpt import GPT
@@ -86,9 +87,9 @@ def _async_group():
     return dist.new_group(backend="gloo")
 
 
-def _shared_temp_dir(root: Path, step: int) -> Path:
-    """Rank 0 makes the temporary folder; every rank learns its name."""
-    name = [str(ckpt.make_temp_dir(f".tmp_step_{step:07d}_", root)) if _is_main() else None]
+def _shared_temp_dir(final: Path) -> Path:
+    """Rank 0 makes the temporary folder beside final; every rank learns its name."""
+    name = [str(atomic.temp_dir(final)) if _is_main() else None]
     if _distributed():
         dist.broadcast_object_list(name, src=0)
     return Path(name[0])
@@ -113,25 +114,22 @@ def save_training_checkpoint(
     run_dir = Path(run_dir)
     finish_pending(run_dir)  # one background write at a time
     root = run_dir / "checkpoints"
+    final = root / f"step_{step:07d}"
     if _is_main():
         root.mkdir(parents=True, exist_ok=True)
-        for stale in root.glob(".tmp_step_*"):  # left by a save that was killed (no save runs now)
-            shutil.rmtree(stale, ignore_errors=True)
-    tmp = _shared_temp_dir(root, step)
+        atomic.recover(root, clean=True)  # what a killed save left (no save runs now): temporary folders, asides
+    tmp = _shared_temp_dir(final)
     model_sd, optim_sd = _state_dicts(model, optimizer)
     payload = {"model": model_sd, "optim": _tensors_only(optim_sd)}
     config = {"format": ckpt.FORMAT, "format_version": ckpt.FORMAT_VERSION, "model": model.config.to_dict(),
               "checkpoint": "dcp", ckpt.TRAIN_STATE_KEY: state}  # fmt: skip
-    final = root / f"step_{step:07d}"
 
     def finish() -> None:  # rank 0, once every rank's shards and DCP's .metadata are on disk
         if not _is_main():
             return
         ckpt.save_tensors({k: v.contiguous() for k, v in rng_tensors.items()}, tmp / ckpt.RNG_NAME)
         (tmp / ckpt.CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
-        if final.exists():  # the same step saved twice: the new one wins
-            shutil.rmtree(final)
-        os.rename(tmp, final)
+        atomic.publish(tmp, final)  # the same step saved twice: the new one replaces the old
         if keep > 0:
             for old in ckpt.checkpoint_dirs(run_dir)[:-keep]:
                 shutil.rmtree(old, ignore_errors=True)
