@@ -31,12 +31,18 @@ def test_readme_setup_pins_the_cpu_torch_wheel():
 # ----------------------------------------------------------------------------- every command, as written
 
 FENCE = re.compile(r"```bash\n(.*?)\n```", re.S)
+PAGES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]  # the map and the tour
+
+
+def pages_text() -> str:
+    return "\n".join(page.read_text() for page in PAGES)
 
 
 def readme_commands() -> list[str]:
-    """Every command of the README's bash blocks: continuations joined, comments dropped, `&&` chains split."""
+    """Every command of the bash blocks of the README and docs/: continuations joined, comments dropped, `&&` chains
+    split."""
     commands = []
-    for block in FENCE.findall((REPO / "README.md").read_text()):
+    for block in FENCE.findall(pages_text()):
         for line in block.replace("\\\n", " ").splitlines():
             line = re.sub(r"\s+#\s.*$", "", line).strip()
             if line and not line.startswith("#"):
@@ -88,7 +94,7 @@ def _kept_steps(preset: Path) -> set[int]:
 
 
 def test_readme_checkpoint_paths_are_ones_the_preset_keeps():
-    text = (REPO / "README.md").read_text()
+    text = pages_text()
     paths = re.findall(r"runs/([\w-]+)/checkpoints/step_(\d+)", text)
     assert paths, "the README names no checkpoint folder (update this test if that is intended)"
     for name, step in paths:
@@ -98,7 +104,7 @@ def test_readme_checkpoint_paths_are_ones_the_preset_keeps():
 
 
 def test_readme_config_files_exist():
-    for path in set(re.findall(r"configs/[\w.-]+\.toml", (REPO / "README.md").read_text())):
+    for path in set(re.findall(r"configs/[\w.-]+\.toml", pages_text())):
         assert (REPO / path).is_file(), f"README names {path}, which does not exist"
 
 
@@ -120,7 +126,7 @@ def test_cheap_readme_commands_run_as_written(tmp_path, shared_data):
         "a cheap command left the README"
     )
     env = {**os.environ, "GPT2LAB_MIRROR": str(shared_data), "OMP_NUM_THREADS": "1"}
-    python_api = re.search(r"### Python API\s*```python\n(.*?)\n```", (REPO / "README.md").read_text(), re.S)
+    python_api = re.search(r"### Python API\s*```python\n(.*?)\n```", pages_text(), re.S)
     assert python_api, "README has no Python API snippet"
     done = set()
     for command in chosen:
@@ -160,7 +166,7 @@ def test_git_ignores_every_folder_the_readme_commands_write_into():
 
 
 def test_every_image_the_docs_link_exists_in_the_repository():
-    pages = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+    pages = PAGES
     links = [(page, link) for page in pages for link in re.findall(r"!\[[^\]]*\]\(([^)\s]+)\)", page.read_text())]
     assert links, "the docs link no image (update this test if that is intended)"
     tracked = set(subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True).stdout.split())
