@@ -6,8 +6,6 @@ from __future__ import annotations
 class MaskedBatches:
     """An SFT loader stand-in: fixed micro-batches in turn."""
 
-    masked_targets = True
-
     def __init__(self, batches):
         self.batches, self.i = batches, 0
 

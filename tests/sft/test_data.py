@@ -15,6 +15,7 @@ from gpt2lab.model.config import GPTConfig
 from gpt2lab.model.gpt import GPT
 from gpt2lab.sft.data import SFTConfig, SFTLoader, mixture, pack, parse_data, read_conversations
 from gpt2lab.tokenizer.bpe import get_tokenizer
+from gpt2lab.train.objective import MaskedNextToken
 from tests.conftest import SHARED_DATA, assert_close_f32
 from tests.sft.conftest import MaskedBatches
 
@@ -122,7 +123,7 @@ def _grads(model, batches, k):
     from gpt2lab.train.loop import forward_backward
 
     model.zero_grad(set_to_none=True)
-    loss = forward_backward(model, MaskedBatches(batches), k, nullcontext, ddp=False)
+    loss = forward_backward(model, MaskedBatches(batches), k, nullcontext, ddp=False, objective=MaskedNextToken())
     return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 

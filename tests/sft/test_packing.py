@@ -14,6 +14,7 @@ from gpt2lab.model.config import GPTConfig
 from gpt2lab.model.gpt import GPT
 from gpt2lab.sft.data import SFTLoader, pack
 from gpt2lab.tokenizer.bpe import get_tokenizer
+from gpt2lab.train.objective import MaskedNextToken
 from tests.conftest import assert_close_f32, assert_fused_loss_and_recompute_match_plain, assert_not_close_f32
 from tests.sft.conftest import MaskedBatches
 
@@ -101,7 +102,9 @@ def test_an_all_masked_micro_batch_with_doc_ids_is_not_nan(tok):
 
     def step(batches):
         model = _model("gpt2")
-        loss = forward_backward(model, MaskedBatches(batches), len(batches), nullcontext, ddp=False)
+        loss = forward_backward(
+            model, MaskedBatches(batches), len(batches), nullcontext, ddp=False, objective=MaskedNextToken()
+        )
         return loss.item(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
 
     alone, with_empty = step([(x, y, docs)]), step([empty, (x, y, docs)])

@@ -1,9 +1,10 @@
 """`gpt2lab rl`: reinforcement learning with verifiable rewards through the one training loop.
 
 The CLI glue, like ``gpt2lab.sft.command``: it builds a Config whose [model] is the policy's (a chat model),
-whose [rl] names the task, and whose [optim] schedule is [rl]'s; ``train.train`` runs it, with batches
-from ``gpt2lab.rl.rollout.RolloutLoader`` (train.setup picks it when rl.task is set). One optimizer step
-takes rl.prompts_per_step prompts x rl.group_size completions, in micro-batches of train.micro_batch rows.
+whose [rl] names the task, and whose [optim] schedule is [rl]'s; ``train.train`` runs it, with RL's
+objective (``gpt2lab.rl.objective``: rollouts from ``gpt2lab.rl.rollout.RolloutLoader``, the policy-gradient loss).
+One optimizer step takes rl.prompts_per_step prompts x rl.group_size completions, in micro-batches of
+train.micro_batch rows.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ from gpt2lab.config import (
     validate,
 )
 from gpt2lab.errors import Gpt2LabError
+from gpt2lab.rl.objective import RLObjective
+from gpt2lab.train.command import evaluations
 from gpt2lab.train.loop import train
 
 # An RL run's defaults where the config and --set say nothing: every step logged, checkpointed often.
@@ -74,7 +77,7 @@ def rl_command(args: argparse.Namespace) -> int:
     """`gpt2lab rl ...`: train the policy, then say how to evaluate it."""
     cfg = rl_config(args)
     run_dir = Path(args.run_dir or Path("runs") / "rl")
-    train(cfg, run_dir)
+    train(cfg, run_dir, objective=RLObjective(cfg.rl), evaluations=evaluations(cfg))
     if cfg.rl.task in ("gsm8k", "arith"):
         print(f"evaluate it: gpt2lab eval {cfg.rl.task} --model {run_dir}")
     return 0

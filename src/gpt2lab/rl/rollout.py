@@ -1,34 +1,33 @@
-"""The [rl] section and the training loop's loader for `gpt2lab rl`: on-policy rollouts, rewarded and batched.
+"""The [rl] section and the loader of `gpt2lab rl`: on-policy rollouts, rewarded and batched.
 
-``train.setup`` picks ``RolloutLoader`` when rl.task is set. At the first micro-batch of a step the loader
-samples ``rl.group_size`` completions for each of its prompts from the current policy (the model being
-trained, in eval mode, through ``gpt2lab.inference.generate``'s KV cache), rewards them with the task's verifier,
-turns rewards into group-relative advantages (``gpt2lab.rl.grpo``) and serves the step's micro-batches:
-prompt + completion rows whose targets are the completion's tokens (the prompt's are -1) and whose
-weights are the advantages. The loop's SFT path averages the loss over the step's trained tokens
-(all micro-batches and ranks); ``RolloutLoader.loss`` is the policy loss in place of cross-entropy.
+RL's objective (``gpt2lab.rl.objective``) opens a ``RolloutLoader`` for the training loop. At the first micro-batch
+of a step the loader samples ``rl.group_size`` completions for each of its prompts from the current policy (the
+model being trained, in eval mode, through ``gpt2lab.inference.generate``'s KV cache), rewards them with the task's
+verifier, turns rewards into group-relative advantages (``gpt2lab.rl.grpo``) and serves the step's micro-batches:
+prompt + completion rows whose targets are the completion's tokens (the prompt's are -1) and whose weights are the
+advantages. The objective averages the loss over the step's trained tokens (all micro-batches and ranks) and its
+``loss`` is the policy loss in place of cross-entropy.
 
-Every rank samples its own share of the step's prompts, each group on one rank (so a group's mean is a
-local mean). The sampling seed of a group is a function of (train.seed, rollout index, prompt index):
-a resumed run samples exactly what the uninterrupted one did, with nothing else to save than the
-loader's step. Every ``rl.eval_every`` rollouts, greedy accuracy on ``rl.eval_problems`` held-out test
-problems is measured (``eval_reward``; with ``rl.eval_samples`` also the sampled ``eval_sampled_reward``):
-the learning curve `gpt2lab plot` draws.
+Every rank samples its own share of the step's prompts, each group on one rank (so a group's mean is a local mean).
+The sampling seed of a group is a function of (train.seed, rollout index, prompt index): a resumed run samples
+exactly what the uninterrupted one did, with nothing else to save than the loader's step. The loader only samples:
+before each rollout it calls ``before_rollout(index)`` (the objective's held-out evaluation, the reference model and
+the policy loss live in ``gpt2lab.rl.objective``).
 """
 
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 from gpt2lab.chat.template import render_prompt, split_reply
 from gpt2lab.errors import Gpt2LabError
-from gpt2lab.eval.common import all_reduce_sum
 from gpt2lab.inference.generate import generate_ids
 from gpt2lab.rl.arith import ARITH_DIGITS
-from gpt2lab.rl.grpo import entropy, group_advantages, policy_loss, token_logprobs
+from gpt2lab.rl.grpo import group_advantages
 
 
 @dataclass
@@ -92,9 +91,11 @@ def _seed(*parts: int) -> int:
 class RolloutLoader:
     """Micro-batches of rewarded on-policy completions, ``micro_batch`` rows each."""
 
-    masked_targets = True  # the loop averages the loss over the step's trained (completion) tokens
-
-    def __init__(self, model, tokenizer, rl: RLConfig, micro_batch: int, rank: int, world_size: int, seed: int):
+    def __init__(
+        self, model, tokenizer, rl: RLConfig, micro_batch: int, rank: int, world_size: int, seed: int,
+        before_rollout: Callable[[int], None] | None = None,
+    ):  # fmt: skip
+        self.before_rollout = before_rollout  # called with each rollout's index, the policy in eval mode
         self.model, self.tok, self.rl = model, tokenizer, rl
         self.task = make_task(rl)
         self.problems = self.task.problems("train")
@@ -111,13 +112,6 @@ class RolloutLoader:
         self.served = 0  # micro-batches served so far: the loader's whole state
         self.queue: list[tuple] = []
         self.metrics: dict = {}
-        self.entropies: list[float] = []
-        self.reference = None
-        if rl.kl > 0:  # the frozen starting policy the KL penalty keeps it near (read again on a resume)
-            from gpt2lab.interop.load import load_model
-
-            param = next(model.parameters())
-            self.reference = load_model(rl.model, param.device, param.dtype).requires_grad_(False)
 
     @property
     def per_rollout(self) -> int:
@@ -132,14 +126,8 @@ class RolloutLoader:
         self.queue = []
 
     def stats(self) -> dict:
-        """This step's rollout metrics (for the metrics log), then cleared; every rank calls it (an all-reduce)."""
+        """This rank's rollout metrics since the last call (reward, lengths, ...), then cleared."""
         out, self.metrics = self.metrics, {}
-        if self.entropies:
-            out["entropy"], self.entropies = sum(self.entropies) / len(self.entropies), []
-        if self.world_size > 1:  # every rank sampled an equal share: the step's figure is the mean of theirs
-            local = {k: out[k] for k in sorted(out) if not k.startswith("eval_")}  # evaluations span all ranks already
-            summed = all_reduce_sum(local, next(self.model.parameters()).device, self.world_size)
-            out |= {k: v / self.world_size for k, v in summed.items()}
         return out
 
     def next_batch(self) -> tuple:
@@ -152,20 +140,6 @@ class RolloutLoader:
             self.queue = (rollout * self.rl.epochs)[skip:]
         self.served += 1
         return self.queue.pop(0)
-
-    def loss(self, model, batch: tuple, targets: torch.Tensor) -> torch.Tensor:
-        """The policy loss of a micro-batch (mean over its completion tokens)."""
-        x, _, adv, memo = batch
-        logits, _ = model(x)
-        logp = token_logprobs(logits, targets)
-        if self.rl.epochs > 1 and "old_logp" not in memo:  # its first epoch: the policy that sampled it
-            memo["old_logp"] = logp.detach()
-        ref = None
-        if self.reference is not None:
-            with torch.no_grad():
-                ref = token_logprobs(self.reference(x)[0], targets)
-        self.entropies.append(entropy(logits, targets))
-        return policy_loss(logp, targets, adv, memo.get("old_logp"), self.rl.clip, ref, self.rl.kl)
 
     # ------------------------------------------------------------------ rollouts
 
@@ -192,8 +166,8 @@ class RolloutLoader:
         per_rank = rl.prompts_per_step // self.world_size
         was_training = self.model.training
         self.model.eval()
-        if rl.eval_every and index % rl.eval_every == 0:
-            self.metrics |= self.evaluate()
+        if self.before_rollout is not None:  # RL's objective: the held-out evaluation every rl.eval_every rollouts
+            self.before_rollout(index)
         rows, rewards, lengths, thinking = [], [], [], []
         for p in range(per_rank):
             j = index * rl.prompts_per_step + self.rank * per_rank + p
@@ -237,20 +211,3 @@ class RolloutLoader:
             y[r, len(prompt) - 1 : len(seq) - 1] = torch.tensor(completion)
             a[r, len(prompt) - 1 : len(seq) - 1] = adv[r]
         return x.to(device), y.to(device), a.to(device), {}
-
-    def evaluate(self) -> dict:
-        """On the first rl.eval_problems test problems (split over the ranks, summed): greedy pass@1
-        (eval_reward) and, with rl.eval_samples, the share right of that many samples each at the rollout
-        temperature (eval_sampled_reward: the policy's own mean reward, what RL raises first)."""
-        from gpt2lab.eval.generative import evaluate
-
-        rl = self.rl
-        result = evaluate(
-            self.model, self.tok, self.task, "test", max(rl.eval_samples, 1), rl.eval_problems,
-            temperature=rl.temperature, max_new_tokens=rl.max_new_tokens, seed=self.seed, rank=self.rank,
-            world_size=self.world_size,
-        )  # fmt: skip
-        out = {"eval_reward": result["pass@1"]}
-        if rl.eval_samples:
-            out["eval_sampled_reward"] = result["sampled_pass@1"]
-        return out

@@ -2,8 +2,8 @@
 
 The CLI glue, like ``gpt2lab.train.command``: it builds a Config whose [model] is the base model's (with the chat
 vocabulary, ``gpt2lab.chat.base``), whose [sft] names the data, and whose [optim] schedule is [sft]'s; then
-``train.train`` runs it. Batches come from ``gpt2lab.sft.data`` (train.setup picks them when sft.data is
-set); checkpoints, resume, metrics, DDP and the progress line are the loop's own.
+``train.train`` runs it with SFT's objective (``gpt2lab.sft.objective``: batches from ``gpt2lab.sft.data``, the
+loss masked to the assistant's tokens); checkpoints, resume, metrics, DDP and the progress line are the loop's own.
 """
 
 from __future__ import annotations
@@ -23,6 +23,8 @@ from gpt2lab.config import (
     validate,
 )
 from gpt2lab.errors import Gpt2LabError
+from gpt2lab.sft.objective import SFTObjective
+from gpt2lab.train.command import evaluations
 from gpt2lab.train.loop import train
 
 # An SFT run's defaults where the config and --set say nothing: short, checkpointed, validated often.
@@ -68,6 +70,6 @@ def sft_command(args: argparse.Namespace) -> int:
     """`gpt2lab sft ...`: fine-tune, then say how to chat with the result."""
     cfg = sft_config(args)
     run_dir = Path(args.run_dir or Path("runs") / "chat")
-    train(cfg, run_dir)
+    train(cfg, run_dir, objective=SFTObjective(cfg.sft), evaluations=evaluations(cfg))
     print(f"chat with it: gpt2lab chat --model {run_dir}")
     return 0

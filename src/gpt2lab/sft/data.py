@@ -258,12 +258,10 @@ class SFTLoader:
     Rows packed with a document mask (``packed.docs``) come as (x, y, doc_ids), doc_ids (B, T) each x token's
     conversation: the training loop passes them to the model (``GPT.forward(..., doc_ids=)``).
 
-    The same interface as ``ShardLoader`` plus ``masked_targets``, which tells the training loop to average the
-    loss over the trained tokens of the whole global batch. A global batch takes B * world_size rows (rank r
+    The same interface as ``ShardLoader``; SFT's objective (``gpt2lab.sft.objective``) tells the training loop to
+    average the loss over the trained tokens of the whole global batch. A global batch takes B * world_size rows (rank r
     the r-th B of them), wrapping around the epoch's row order when the rows run out.
     """
-
-    masked_targets = True
 
     def __init__(
         self, packed: Packed, batch_size: int, *, rank: int = 0, world_size: int = 1, shuffle: bool = True,

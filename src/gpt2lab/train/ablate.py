@@ -71,7 +71,7 @@ def run_state(cfg: Config, run_dir: Path) -> str:
 
 def ablate(configs: dict[str, Config], runs_dir: Path) -> list[Path]:
     """Train each config in runs_dir/NAME (skipping finished ones, resuming unfinished ones); return the folders."""
-    from gpt2lab.train.loop import train
+    from gpt2lab.train.command import train_stage
 
     plan = {name: (cfg, runs_dir / name, run_state(cfg, runs_dir / name)) for name, cfg in configs.items()}
     for i, (name, (cfg, run_dir, state)) in enumerate(plan.items(), 1):
@@ -80,7 +80,7 @@ def ablate(configs: dict[str, Config], runs_dir: Path) -> list[Path]:
             print(f"== ablate {i}/{len(plan)} {name}: finished in {run_dir}, skipped")
             continue
         print(f"== ablate {i}/{len(plan)} {name}: {what} -> {run_dir}{' (resuming)' if state == 'resume' else ''}")
-        train(cfg, run_dir, resume=state == "resume")
+        train_stage(cfg, run_dir, resume=state == "resume")
     return [run_dir for _, run_dir, _ in plan.values()]
 
 

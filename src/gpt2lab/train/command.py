@@ -1,7 +1,9 @@
 """`gpt2lab train`: build the run's config (a preset, or the one saved in a run to resume) and train.
 
 The CLI glue between ``gpt2lab.config`` and ``gpt2lab.train.loop``, kept out of both so that imports
-flow one way: launch -> config -> train (train never imports config).
+flow one way: launch -> config -> train (train never imports config). It also gives the loop what a run
+trains for (``objective``: pretraining, or the SFT or RL stage its config names, so ``--resume`` continues any
+run) and what it measures along the way (``evaluations``: HellaSwag), so the loop imports no stage.
 """
 
 from __future__ import annotations
@@ -14,6 +16,50 @@ from gpt2lab.config import Config, build_config, load_config
 from gpt2lab.errors import Gpt2LabError
 from gpt2lab.interop.load import is_run_folder, no_checkpoint_yet
 from gpt2lab.train.loop import train
+from gpt2lab.train.objective import Evaluation, NextToken, Objective
+from gpt2lab.train.run import Run
+
+
+def objective(cfg: Config) -> Objective:
+    """What the run trains for: SFT when sft.data is set, RL when rl.task is, else pretraining on shards."""
+    sft, rl = getattr(cfg, "sft", None), getattr(cfg, "rl", None)
+    if sft is not None and sft.data:  # conversations packed into rows, targets -1 outside the assistant's tokens
+        from gpt2lab.sft.objective import SFTObjective
+
+        return SFTObjective(sft)
+    if rl is not None and rl.task:  # on-policy rollouts of the model being trained, rewarded by the task's verifier
+        from gpt2lab.rl.objective import RLObjective
+
+        return RLObjective(rl)
+    return NextToken()
+
+
+def evaluations(cfg: Config) -> list[Evaluation]:
+    """The measurements during training: HellaSwag every eval.hellaswag_every steps."""
+    if not cfg.eval.hellaswag_every:
+        return []
+    from gpt2lab.eval import hellaswag
+    from gpt2lab.interop import tokenizer_match
+
+    examples: list = []  # loaded at the first evaluation
+
+    def measure(run: Run) -> float:
+        """HellaSwag acc_norm of the raw model through the evaluation package, every rank its share."""
+        if not examples:
+            examples.extend(hellaswag.load_examples(hellaswag.locate(), run.cfg.eval.hellaswag_limit or None))
+        result = hellaswag.evaluate_hellaswag(
+            run.raw_model, tokenizer_match.run_tokenizer(run.cfg, run.resumed_from), examples, run.info.device,
+            batch_size=max(1, run.cfg.train.micro_batch // 4), rank=run.info.rank, world_size=run.info.world_size,
+        )  # fmt: skip
+        run.raw_model.train()
+        return float(result["acc_norm"])
+
+    return [Evaluation("hellaswag", cfg.eval.hellaswag_every, measure, check=hellaswag.locate)]
+
+
+def train_stage(cfg: Config, run_dir: Path, resume: bool = False) -> Path | None:
+    """Train (or resume) the run of cfg, with the objective and evaluations its config names."""
+    return train(cfg, run_dir, resume=resume, objective=objective(cfg), evaluations=evaluations(cfg))
 
 
 def resolve_run(args: argparse.Namespace) -> tuple[Config, Path]:
@@ -40,5 +86,5 @@ def resolve_run(args: argparse.Namespace) -> tuple[Config, Path]:
 def train_command(args: argparse.Namespace) -> int:
     """`gpt2lab train ...`: train (or resume) the run the arguments name."""
     cfg, run_dir = resolve_run(args)
-    train(cfg, run_dir, resume=bool(args.resume))
+    train_stage(cfg, run_dir, resume=bool(args.resume))
     return 0

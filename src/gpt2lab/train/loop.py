@@ -20,15 +20,12 @@ GradScaler intends; a non-finite loss stops the run); a SIGTERM/SIGINT finishes 
 from __future__ import annotations
 
 import math
-import random
-import subprocess
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -41,9 +38,13 @@ from gpt2lab.runtime import hardware
 from gpt2lab.runtime.dist import DistInfo, destroy_distributed, init_distributed
 from gpt2lab.train import dcp as dcp_checkpoint
 from gpt2lab.train import fsdp
-from gpt2lab.train.optim import OptimConfig, lr_at, make_optimizer, set_lr
-from gpt2lab.train.perf import PerfConfig, prepare_model, step_context
+from gpt2lab.train.objective import Evaluation, Objective
+from gpt2lab.train.optim import OptimConfig, lr_at, set_lr
+from gpt2lab.train.perf import PerfConfig
 from gpt2lab.train.reference import speed_note, val_loss_note
+from gpt2lab.train.run import NEXT_TOKEN, Run, agree_micro_batch, finished, save, saved_micro_batch, setup
+from gpt2lab.train.run import grad_accum_steps as grad_accum_steps  # re-exported: tests
+from gpt2lab.train.run import precision as precision  # re-exported: bench, tests
 from gpt2lab.train.runlog import MetricsLog, StopSignals
 
 DTYPES = hardware.DTYPES
@@ -152,31 +153,36 @@ class RunConfig(Protocol):
 
 
 def forward_backward(
-    model: torch.nn.Module, loader, grad_accum: int, autocast, ddp: bool, scaler: torch.amp.GradScaler | None = None
+    model: torch.nn.Module,
+    loader,
+    grad_accum: int,
+    autocast,
+    ddp: bool,
+    scaler: torch.amp.GradScaler | None = None,
+    objective: Objective = NEXT_TOKEN,
 ) -> torch.Tensor:
     """Accumulate the gradient of the mean loss over grad_accum micro-batches; return that loss (0-dim).
 
     Each micro-loss is divided by grad_accum, so k micro-batches of B/k give the gradient of
     one batch of B. Under DDP only the last backward all-reduces (no_sync on the others). With a
     scaler (float16) the loss is scaled before each backward, so small gradients do not underflow.
+    The objective gives each micro-batch's loss (next-token, masked, or a policy loss).
     """
     total = None
-    # SFT (a loader with masked_targets): the step's micro-batches are read first, so the loss can be averaged
-    # over the trained tokens of the whole global batch, not micro-batch by micro-batch
-    batches = [loader.next_batch() for _ in range(grad_accum)] if getattr(loader, "masked_targets", False) else None
+    # a masked objective (SFT, RL): the step's micro-batches are read first, so the loss can be averaged over the
+    # trained tokens of the whole global batch, not micro-batch by micro-batch
+    batches = [loader.next_batch() for _ in range(grad_accum)] if objective.masked else None
     weights = masked_weights([batch[1] for batch in batches], ddp) if batches else None
-    policy_loss = getattr(loader, "loss", None)  # RL: the loader's policy loss on its rollouts (gpt2lab.rl.rollout)
     for micro in range(grad_accum):
         batch = batches[micro] if batches else loader.next_batch()
-        x, y, *docs = batch  # (B, T) each
-        kw = {"doc_ids": docs[0]} if docs else {}  # SFT with a document mask: each token's conversation (B, T)
+        y = batch[1]  # (B, T)
         if weights and weights[micro] == 0:  # no trained token: its mean loss is 0/0; one dummy target, weight 0
             y = torch.full_like(y, -1)
             y[0, 0] = 0
         sync = not ddp or micro == grad_accum - 1
         with nullcontext() if sync else model.no_sync():
             with autocast():
-                _, loss = (None, policy_loss(model, batch, y)) if policy_loss else model(x, y, **kw)
+                loss = objective.loss(model, batch, y)
             loss = loss / grad_accum if weights is None else loss * weights[micro]
             (scaler.scale(loss) if scaler is not None else loss).backward()
         total = loss.detach() if total is None else total + loss.detach()
@@ -207,6 +213,7 @@ def train_step(
     world_size: int = 1,
     stop: bool = False,
     scaler: torch.amp.GradScaler | None = None,
+    objective: Objective = NEXT_TOKEN,
 ) -> tuple[float, float, bool]:
     """One optimizer step; return (loss averaged over ranks, grad norm, whether any rank must stop).
 
@@ -218,7 +225,7 @@ def train_step(
     ddp = world_size > 1
     optimizer.zero_grad(set_to_none=True)
     # FSDP2 has no no_sync: it reduce-scatters every micro-step, so only sharded gradients accumulate
-    loss = forward_backward(model, loader, grad_accum, autocast, ddp and hasattr(model, "no_sync"), scaler)
+    loss = forward_backward(model, loader, grad_accum, autocast, ddp and hasattr(model, "no_sync"), scaler, objective)
     if scaler is not None:
         scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
     norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), grad_clip if grad_clip > 0 else math.inf)
@@ -238,17 +245,20 @@ def train_step(
 
 
 @torch.no_grad()
-def val_loss(model: GPT, loader, batches: int, autocast, world_size: int = 1) -> float:
+def val_loss(
+    model: GPT, loader, batches: int, autocast, world_size: int = 1, objective: Objective = NEXT_TOKEN
+) -> float:
     """Mean loss over the first ``batches`` batches of the val split (every rank its slice)."""
     model.eval()
     loader.reset()
     total, count = None, torch.zeros(())
-    masked = getattr(loader, "masked_targets", False)  # SFT: the mean over trained tokens, not over batches
+    masked = objective.masked  # SFT: the mean over trained tokens, not over batches
     batches = min(batches, loader.batches_per_epoch)  # a small val split: each batch once
     for _ in range(batches):
-        x, y, *docs = loader.next_batch()
+        batch = loader.next_batch()
+        y = batch[1]
         with autocast():
-            _, loss = model(x, y, **({"doc_ids": docs[0]} if docs else {}))
+            loss = objective.loss(model, batch, y)
         if masked:  # a batch without a trained token (mean 0/0) adds nothing
             n = (y != -1).sum().float()
             loss, count = torch.nan_to_num(loss.float()) * n, count.to(n.device) + n
@@ -270,223 +280,12 @@ def val_loss(model: GPT, loader, batches: int, autocast, world_size: int = 1) ->
 # ----------------------------------------------------------------------------- run set-up
 
 
-def precision(dtype: str, device: str) -> torch.dtype:
-    """The autocast dtype for train.dtype on this device (runtime/hardware.py decides "auto"); TF32 where it exists."""
-    caps = hardware.capabilities(device)
-    if caps.tf32:
-        torch.backends.cuda.matmul.allow_tf32 = True  # TF32 for any matmul left in float32
-        torch.backends.cudnn.allow_tf32 = True
-    return hardware.autocast_dtype(dtype, caps)
-
-
-def grad_accum_steps(cfg: RunConfig, world_size: int) -> int:
-    """Micro-steps per optimizer step; an error when total_batch does not divide."""
-    per_step = cfg.train.micro_batch * cfg.model.block_size * world_size
-    if cfg.train.total_batch % per_step:
-        raise Gpt2LabError(
-            f"train.total_batch ({cfg.train.total_batch}) is not divisible by train.micro_batch x model.block_size x "
-            f"world size ({cfg.train.micro_batch} x {cfg.model.block_size} x {world_size} = {per_step})"
-        )
-    return cfg.train.total_batch // per_step
-
-
 def peak_flops(device: str) -> float | None:
     """The GPU's dense bf16 peak FLOP/s, or None when unknown (CPU, unlisted GPU)."""
     caps = hardware.capabilities(device)
     if caps.device_type != "cuda":
         return None
     return next((flops for key, flops in PEAK_FLOPS if key in caps.name), None)
-
-
-def git_commit() -> str | None:
-    """The code version this run used, when the package lives in a git checkout."""
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=5
-        )
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip() or None if out.returncode == 0 else None
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-@dataclass
-class Run:
-    """What the loop needs besides the config: the models, the optimizer, the loaders."""
-
-    cfg: RunConfig
-    run_dir: Path
-    info: DistInfo
-    raw_model: GPT  # the one handle saved, evaluated and sampled from
-    model: torch.nn.Module  # raw_model, compiled and/or DDP-wrapped: what the step runs
-    optimizer: torch.optim.Optimizer
-    loader: object
-    val_loader: object | None
-    grad_accum: int
-    autocast: object
-    start_step: int
-    hellaswag_examples: list | None = None  # loaded at the first HellaSwag evaluation
-    scaler: torch.amp.GradScaler | None = None  # float16 only: the loss scale, saved with each checkpoint
-    skipped_steps: int = 0  # float16 steps the scaler skipped (an overflowed gradient), over the whole run
-    resumed_from: Path | None = None  # the checkpoint resumed: an SFT run's tokenizer is read there, not in its base
-
-
-def _dataset_check(cfg: RunConfig) -> None:
-    from gpt2lab.data.shards import read_manifest
-
-    manifest = read_manifest(cfg.data.path)  # clear error on a missing or unfinished folder
-    vocab = int(manifest.get("tokenizer", {}).get("vocab_size", 50257))
-    if cfg.model.vocab_size < vocab:
-        raise Gpt2LabError(
-            f"model.vocab_size ({cfg.model.vocab_size}) is smaller than the vocabulary of {cfg.data.path} ({vocab})"
-        )
-
-
-def sft_section(cfg: RunConfig):
-    """The [sft] section when this run fine-tunes a model on conversations (sft.data set), else None."""
-    sft = getattr(cfg, "sft", None)
-    return sft if sft is not None and sft.data else None
-
-
-def rl_section(cfg: RunConfig):
-    """The [rl] section when this run trains a policy on a task's rewards (rl.task set), else None."""
-    rl = getattr(cfg, "rl", None)
-    return rl if rl is not None and rl.task else None
-
-
-def setup(cfg: RunConfig, run_dir: Path, info: DistInfo, resume: bool) -> Run:
-    """Check everything that can fail early, then build the model, optimizer and loaders (and restore)."""
-    from gpt2lab.data.loader import ShardLoader, open_val_loader
-
-    grad_accum = grad_accum_steps(cfg, info.world_size)
-    sft = sft_section(cfg)
-    rl = rl_section(cfg)
-    tune = sft or rl  # fine-tuning a model (SFT or RL) rather than pretraining on shards
-    if tune is None:
-        _dataset_check(cfg)
-    if cfg.eval.hellaswag_every:
-        from gpt2lab.eval.hellaswag import locate
-
-        locate()  # the examples must be at hand before hours of training, not after
-    latest = ckpt.find_latest(run_dir)
-    if resume and latest is None:
-        raise Gpt2LabError(f"{run_dir}: no complete checkpoint to resume from")
-    if not resume and latest is not None:
-        raise Gpt2LabError(
-            f"{run_dir} already holds checkpoints; continue it with `gpt2lab train --resume {run_dir}`, "
-            "or start afresh with --run-dir NEW_DIR"
-        )
-    caps = hardware.capabilities(info.device)
-    dtype = precision(cfg.train.dtype, info.device)
-    autocast = step_context(caps.device_type, dtype)
-    scaler = torch.amp.GradScaler(caps.device_type) if hardware.needs_grad_scaler(dtype, caps) else None
-    seed_everything(cfg.train.seed)
-    sharded = cfg.train.parallel == "fsdp"  # FSDP2: built on meta, sharded, materialised (gpt2lab.train.fsdp)
-    raw_model = fsdp.build_model(cfg, info, dtype) if sharded else GPT(cfg.model).to(info.device)
-    if tune is not None and not resume:  # SFT and RL start from the weights of the model they fine-tune
-        from gpt2lab.chat.base import load_base_weights
-
-        load_base_weights(raw_model, tune.model)
-    optimizer = make_optimizer(raw_model, cfg.optim, info.device)
-    kw = dict(rank=info.rank, world_size=info.world_size, device=info.device)
-    if sft is not None:  # conversations packed into rows, targets -1 outside the assistant's tokens
-        from gpt2lab.sft.data import sft_loaders
-
-        loader, val_loader = sft_loaders(cfg, cfg.train.micro_batch, **kw, resume_from=latest if resume else None)
-    elif rl is not None:  # on-policy rollouts of the model being trained, rewarded by the task's verifier
-        from gpt2lab.rl.rollout import RolloutLoader
-
-        tok = tokenizer_match.run_tokenizer(cfg, latest if resume else None)
-        loader = RolloutLoader(raw_model, tok, rl, cfg.train.micro_batch, info.rank, info.world_size, cfg.train.seed)
-        val_loader = None
-    else:
-        loader = ShardLoader(
-            cfg.data.path, "train", cfg.train.micro_batch, cfg.model.block_size, shuffle=cfg.data.shuffle,
-            seed=cfg.data.seed, **kw,
-        )  # fmt: skip
-        val_loader = None
-    if cfg.eval.val_every > 0 and tune is None:
-        val_loader, note = open_val_loader(cfg.data.path, cfg.train.micro_batch, cfg.model.block_size, **kw)
-        if note:
-            hardware.print_notices([note if val_loader else f"val loss unavailable: {note}"])
-    start_step, skipped = 0, 0
-    if resume:
-        start_step, skipped = restore(latest, raw_model, optimizer, loader, info, scaler)
-    perf = fsdp.perf_without_compile(cfg.perf) if sharded else cfg.perf  # fsdp: compiled per block already
-    model = prepare_model(raw_model, perf, info.device, dtype)  # compiled and/or fused loss, per [perf]
-    if info.is_distributed and not sharded:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-
-        model = DDP(model, device_ids=[info.local_rank] if caps.device_type == "cuda" else None)
-    return Run(
-        cfg, run_dir, info, raw_model, model, optimizer, loader, val_loader, grad_accum, autocast, start_step,
-        scaler=scaler, skipped_steps=skipped, resumed_from=latest if resume else None,
-    )  # fmt: skip
-
-
-def restore(
-    folder: Path, raw_model: GPT, optimizer, loader, info: DistInfo, scaler: torch.amp.GradScaler | None = None
-) -> tuple[int, int]:
-    """Load a training checkpoint into the fresh model/optimizer/loader (and scaler); return (step, skipped steps)."""
-    state, rng = dcp_checkpoint.load_training_checkpoint(folder, raw_model, optimizer)  # any format, any model
-    loader.load_state_dict(state["loader"])
-    if scaler is not None and state.get("grad_scaler"):  # float16: continue with the same loss scale
-        scaler.load_state_dict(state["grad_scaler"])
-    prefix = f"rank{info.rank}." if f"rank{info.rank}.torch" in rng else "rank0."
-    plain = state["rng"][min(info.rank, len(state["rng"]) - 1)]
-    ckpt.set_rng_state({k[len(prefix) :]: v for k, v in rng.items() if k.startswith(prefix)}, plain)
-    return int(state["step"]), int(state.get("skipped_steps", 0))
-
-
-def _gather(obj: object, world_size: int) -> list:
-    if world_size == 1:
-        return [obj]
-    out: list = [None] * world_size
-    dist.all_gather_object(out, obj)
-    return out
-
-
-def save(run: Run, step: int, metrics: dict) -> Path | None:
-    """Every rank gives its RNG state; rank 0 writes the checkpoint (fsdp: all write shards) and gets its folder."""
-    tensors, plain = ckpt.rng_state()
-    gathered = _gather((tensors, plain), run.info.world_size)
-    sharded = run.cfg.train.parallel == "fsdp"
-    if not run.info.is_main and not sharded:
-        return None
-    state = {
-        "step": step,
-        "world_size": run.info.world_size,
-        "loader": run.loader.state_dict(),  # the same on every rank
-        "rng": [p for _, p in gathered],
-        "metrics": metrics,
-        "config": run.cfg.to_dict(),
-        "grad_scaler": run.scaler.state_dict() if run.scaler is not None else None,  # plain floats and ints
-        "skipped_steps": run.skipped_steps,
-        "tokenizer": tokenizer_match.data_record(run.cfg, run.resumed_from),  # the shards' tokenizer (None: SFT, GPT-2)
-        "git_commit": git_commit(),
-        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-    }
-    rng = {f"rank{r}.{k}": v for r, (t, _) in enumerate(gathered) for k, v in t.items()}
-    try:
-        if sharded:  # a collective: each rank writes its shards through DCP
-            return dcp_checkpoint.save_training_checkpoint(
-                run.run_dir, step, run.raw_model, run.optimizer, state, rng, run.cfg.train.keep_checkpoints,
-                async_save=run.cfg.train.async_save,
-            )  # fmt: skip
-        return ckpt.save_training_checkpoint(
-            run.run_dir, step, run.raw_model, run.optimizer, state, rng, run.cfg.train.keep_checkpoints
-        )
-    except OSError as e:
-        prev = ckpt.find_latest(run.run_dir)
-        raise Gpt2LabError(
-            f"could not write the checkpoint of step {step} in {run.run_dir}/checkpoints: {e}; "
-            f"the previous checkpoint ({prev or 'none'}) is intact"
-        ) from None
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -511,21 +310,6 @@ def _samples(run: Run, step: int) -> None:
     run.raw_model.train()
     for i, ids in enumerate(outs):
         _print0(run.info, f"sample {i}: {e.sample_prompt}{tok.decode(ids)!r}")
-
-
-def _hellaswag(run: Run) -> float:
-    """HellaSwag acc_norm of the raw model through the evaluation package, every rank its share."""
-    from gpt2lab.eval import hellaswag
-
-    if run.hellaswag_examples is None:
-        run.hellaswag_examples = hellaswag.load_examples(hellaswag.locate(), run.cfg.eval.hellaswag_limit or None)
-    result = hellaswag.evaluate_hellaswag(
-        run.raw_model, tokenizer_match.run_tokenizer(run.cfg, run.resumed_from), run.hellaswag_examples,
-        run.info.device,
-        batch_size=max(1, run.cfg.train.micro_batch // 4), rank=run.info.rank, world_size=run.info.world_size,
-    )  # fmt: skip
-    run.raw_model.train()
-    return float(result["acc_norm"])
 
 
 def _periodic(every: int, step: int, last: bool) -> bool:
@@ -583,7 +367,9 @@ def loop(run: Run, stop: StopSignals) -> Path | None:
         if note := speed_note(cfg.reference):  # the preset's measured speed, beside this run's tok/s below
             _print0(info, note)
         if step == 0 and run.val_loader is not None:
-            metrics["val_loss"] = val_loss(run.raw_model, run.val_loader, cfg.eval.val_batches, run.autocast, ws)
+            metrics["val_loss"] = val_loss(
+                run.raw_model, run.val_loader, cfg.eval.val_batches, run.autocast, ws, run.objective
+            )
             log.log(0, val_loss=metrics["val_loss"])
             note = val_loss_note(cfg.reference, 0, metrics["val_loss"])  # with whether it is within the band
             _print0(info, f"step {0:>6} | val loss {metrics['val_loss']:.4f}{note}")
@@ -595,6 +381,7 @@ def loop(run: Run, stop: StopSignals) -> Path | None:
                 loss, norm, stopping = train_step(
                     run.model, run.raw_model, run.optimizer, run.loader, run.grad_accum, autocast=run.autocast,
                     grad_clip=cfg.optim.grad_clip, world_size=ws, stop=stop.requested, scaler=run.scaler,
+                    objective=run.objective,
                 )  # fmt: skip
             except torch.OutOfMemoryError:  # CUDA (and other accelerators) raise it instead of dying
                 raise _oom_error(cfg, info.device) from None
@@ -616,7 +403,7 @@ def loop(run: Run, stop: StopSignals) -> Path | None:
                 if peak:
                     record["mfu"] = flops_per_token * tps / (peak * ws)
                 record |= run.raw_model.moe_stats()  # MoE: max/mean expert load and each block's expert shares
-                record |= run.loader.stats() if hasattr(run.loader, "stats") else {}  # RL: reward, lengths, ...
+                record |= run.objective.stats()  # RL: reward, lengths, held-out rewards, ...
                 log.log(step, **record)
                 mfu = f" | MFU {record['mfu']:6.1%}" if peak else ""
                 mfu += f" | reward {record['reward']:.3f}" if "reward" in record else ""
@@ -630,14 +417,17 @@ def loop(run: Run, stop: StopSignals) -> Path | None:
                     f"{dt * 1e3:7.1f} ms | {tps:9,.0f} tok/s{mfu}",
                 )
             if run.val_loader is not None and _periodic(cfg.eval.val_every, step, last):
-                metrics["val_loss"] = val_loss(run.raw_model, run.val_loader, cfg.eval.val_batches, run.autocast, ws)
+                metrics["val_loss"] = val_loss(
+                    run.raw_model, run.val_loader, cfg.eval.val_batches, run.autocast, ws, run.objective
+                )
                 log.log(step, val_loss=metrics["val_loss"])
                 note = val_loss_note(cfg.reference, step, metrics["val_loss"])
                 _print0(info, f"step {step:>6} | val loss {metrics['val_loss']:.4f}{note}")
-            if _periodic(cfg.eval.hellaswag_every, step, last):
-                metrics["hellaswag"] = _hellaswag(run)
-                log.log(step, hellaswag=metrics["hellaswag"])
-                _print0(info, f"step {step:>6} | hellaswag {metrics['hellaswag']:.4f}")
+            for evaluation in run.evaluations:  # HellaSwag (given by gpt2lab.train.command)
+                if _periodic(evaluation.every, step, last):
+                    metrics[evaluation.name] = evaluation.measure(run)
+                    log.log(step, **{evaluation.name: metrics[evaluation.name]})
+                    _print0(info, f"step {step:>6} | {evaluation.name} {metrics[evaluation.name]:.4f}")
             # fsdp: every rank runs the sharded model (the same draws), rank 0 prints
             if _periodic(cfg.eval.sample_every, step, last) and (info.is_main or cfg.train.parallel == "fsdp"):
                 _samples(run, step)
@@ -656,26 +446,17 @@ def loop(run: Run, stop: StopSignals) -> Path | None:
     return last_ckpt
 
 
-def _finished(folder: Path, cfg: RunConfig) -> bool:
-    """True if the checkpoint ends a run of exactly this config (so running it again is a no-op)."""
-    state = ckpt.read_json(folder / ckpt.CONFIG_NAME).get(ckpt.TRAIN_STATE_KEY) or {}
-    return state.get("config") == cfg.to_dict() and state.get("step", -1) >= cfg.train.max_steps
-
-
-def _saved_micro_batch(folder: Path) -> int | None:
-    state = ckpt.read_json(folder / ckpt.CONFIG_NAME).get(ckpt.TRAIN_STATE_KEY) or {}
-    return (state.get("config") or {}).get("train", {}).get("micro_batch")
-
-
-def _agree_micro_batch(cfg: RunConfig, info: DistInfo) -> None:
-    """Under DDP every rank must use the same micro-batch: the smallest that auto found (a divisor too)."""
-    t = torch.tensor([cfg.train.micro_batch], device=info.device)
-    dist.all_reduce(t, op=dist.ReduceOp.MIN)
-    cfg.train.micro_batch = int(t.item())
-
-
-def train(cfg: RunConfig, run_dir: str | Path, resume: bool = False) -> Path | None:
+def train(
+    cfg: RunConfig,
+    run_dir: str | Path,
+    resume: bool = False,
+    objective: Objective | None = None,
+    evaluations: tuple[Evaluation, ...] | list[Evaluation] = (),
+) -> Path | None:
     """Run (or resume) training in run_dir; the same call works under torchrun. Returns the last checkpoint.
+
+    ``objective``: what the stage trains for (None: pretraining, ``gpt2lab.train.objective.NextToken``);
+    ``evaluations``: measurements every so many steps (``gpt2lab.train.command`` gives HellaSwag's).
 
     ``cfg`` is a gpt2lab.config.Config. Nothing is written before every check has passed
     (gpt2lab.runtime.hardware.preflight, then setup). ``train.micro_batch = None`` (auto) is resolved
@@ -685,8 +466,8 @@ def train(cfg: RunConfig, run_dir: str | Path, resume: bool = False) -> Path | N
     latest = ckpt.find_latest(run_dir)
     tokenizer_match.agree(cfg, latest if resume else None)  # model vocab from the shards' tokenizer; same on resume
     if cfg.train.micro_batch is None and latest is not None:  # auto was resolved when this run started
-        cfg.train.micro_batch = _saved_micro_batch(latest)
-    if not resume and latest is not None and _finished(latest, cfg):
+        cfg.train.micro_batch = saved_micro_batch(latest)
+    if not resume and latest is not None and finished(latest, cfg):
         print(f"{run_dir} is already trained with this config ({latest.name}); nothing to do")
         return latest
     info = init_distributed(None if cfg.train.device == "auto" else cfg.train.device)
@@ -694,8 +475,8 @@ def train(cfg: RunConfig, run_dir: str | Path, resume: bool = False) -> Path | N
         auto_batch = cfg.train.micro_batch is None
         hardware.print_notices(hardware.preflight(cfg, info.device, info.world_size))
         if auto_batch and info.is_distributed:
-            _agree_micro_batch(cfg, info)
-        run = setup(cfg, run_dir, info, resume)
+            agree_micro_batch(cfg, info)
+        run = setup(cfg, run_dir, info, resume, objective, tuple(evaluations))
         if info.is_main:
             run_dir.mkdir(parents=True, exist_ok=True)
             (run_dir / "config.toml").write_text(cfg.to_toml())
