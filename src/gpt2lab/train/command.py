@@ -1,7 +1,7 @@
 """`gpt2lab train`: build the run's config (a preset, or the one saved in a run to resume) and train.
 
 The CLI glue between ``gpt2lab.config`` and ``gpt2lab.train.loop``, kept out of both so that imports
-flow one way: launch -> config -> train (train never imports config). It also gives the loop what a run
+flow one way: this command -> config -> the loop (the loop never imports config). It also gives the loop what a run
 trains for (``objective``: pretraining, or the SFT or RL stage its config names, so ``--resume`` continues any
 run) and what it measures along the way (``evaluations``: HellaSwag), so the loop imports no stage.
 """
