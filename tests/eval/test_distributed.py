@@ -45,6 +45,7 @@ def _worker(rank: int, port: int, model_dir: str, data_dir: str, out_dir: str) -
         result = _evaluate_all(model_dir, data_dir, rank, WORLD)
         with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
             json.dump(result, f)
+        dist.barrier()  # no rank tears the group down while its peer still talks to it (gloo may abort)
     finally:
         dist.destroy_process_group()
 

@@ -212,6 +212,7 @@ def _ddp_worker(rank: int, port: int, out: str) -> None:
         counts: list[int] = []
         params = _steps(counts)
         torch.save({"params": params, "calls": len(counts)}, os.path.join(out, f"rank{rank}.pt"))
+        dist.barrier()  # no rank tears the group down while its peer still talks to it (gloo aborts: CI saw it)
     finally:
         dist.destroy_process_group()
 
