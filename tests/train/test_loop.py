@@ -111,7 +111,7 @@ def test_grad_accumulation_equals_one_big_batch():
 def test_grad_accum_steps_needs_divisible_total_batch():
     from gpt2lab.config import build_config
     from gpt2lab.errors import Gpt2LabError
-    from gpt2lab.train.loop import grad_accum_steps
+    from gpt2lab.train.run import grad_accum_steps
 
     cfg = build_config(TINY, "tiny")
     assert grad_accum_steps(cfg, 1) == 2  # 256 / (4 x 32)

@@ -68,9 +68,9 @@ class Variant:
     def __post_init__(self) -> None:
         from gpt2lab.model.gpt import GPT
         from gpt2lab.runtime.hardware import attention_backend
-        from gpt2lab.train.loop import precision
         from gpt2lab.train.optim import make_optimizer
         from gpt2lab.train.perf import prepare_model, step_context
+        from gpt2lab.train.run import precision
 
         cfg, device_type = self.cfg, torch.device(self.device).type
         dtype = precision(cfg.train.dtype, device_type)

@@ -43,8 +43,6 @@ from gpt2lab.train.optim import OptimConfig, lr_at, set_lr
 from gpt2lab.train.perf import PerfConfig
 from gpt2lab.train.reference import speed_note, val_loss_note
 from gpt2lab.train.run import NEXT_TOKEN, Run, agree_micro_batch, finished, save, saved_micro_batch, setup
-from gpt2lab.train.run import grad_accum_steps as grad_accum_steps  # re-exported: tests
-from gpt2lab.train.run import precision as precision  # re-exported: bench, tests
 from gpt2lab.train.runlog import MetricsLog, StopSignals
 
 DTYPES = hardware.DTYPES
