@@ -34,7 +34,7 @@ LAYERS = {
     "train": 4, "inference": 4,
     "eval": 5, "chat": 5, "sft": 5, "rl": 5,
     "serve": 6, "report": 6,
-    "config": 7, "cli": 7, "bench": 7, "__main__": 7,
+    "config": 7, "cli": 7, "bench": 7, "speedrun": 7, "__main__": 7,
 }  # fmt: skip
 MODULE_LAYERS = {"tokenizer.train": LAYERS["data"]}  # trains on the data sources (see above)
 COMMANDS = {"train.command", "train.ablate", "sft.command", "rl.command", "eval.commands"}  # compose configs: top

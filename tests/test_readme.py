@@ -65,11 +65,14 @@ def test_the_readme_has_gpt2lab_commands_to_check():
     assert sum(gpt2lab_argv(c) is not None for c in readme_commands()) >= 30
 
 
-def test_every_readme_command_parses_and_its_config_loads():
-    """Each gpt2lab command of the README is accepted by the real parser; train's CONFIG + --set load."""
+def test_every_readme_command_parses_and_its_config_loads(monkeypatch):
+    """Each gpt2lab command of the README is accepted by the real parser; train's CONFIG + --set load, and
+    speedrun's plan."""
     from gpt2lab.cli.main import build_parser
     from gpt2lab.config import load_config
+    from gpt2lab.speedrun.plan import read_plan
 
+    monkeypatch.chdir(REPO)
     parser = build_parser()
     for command in readme_commands():
         argv = gpt2lab_argv(command)
@@ -83,6 +86,8 @@ def test_every_readme_command_parses_and_its_config_loads():
             load_config(REPO / args.config, args.set)  # an unknown --set key or a bad value raises here
         if args.command == "bench" and getattr(args, "config", None):
             load_config(REPO / args.config, getattr(args, "set", None) or [])
+        if args.command == "speedrun":
+            read_plan(args.plan)  # its keys, types and training preset (a path from the repository root)
 
 
 def _kept_steps(preset: Path) -> set[int]:
@@ -104,7 +109,7 @@ def test_readme_checkpoint_paths_are_ones_the_preset_keeps():
 
 
 def test_readme_config_files_exist():
-    for path in set(re.findall(r"configs/[\w.-]+\.toml", pages_text())):
+    for path in set(re.findall(r"configs/[\w./-]+\.toml", pages_text())):
         assert (REPO / path).is_file(), f"README names {path}, which does not exist"
 
 

@@ -2,7 +2,7 @@
 
 Each subcommand is a parser-builder plus a handler that imports its module lazily (so
 ``gpt2lab --help`` stays fast) and calls one function; they live in this package's modules, one
-per part of the process (data, train, eval, bench, tuning, inference). A ``Gpt2LabError`` anywhere
+per part of the process (data, train, eval, bench, tuning, inference, speedrun). A ``Gpt2LabError`` anywhere
 becomes one line on stderr and exit code 2.
 """
 
@@ -17,13 +17,14 @@ from gpt2lab.cli.bench import add_bench
 from gpt2lab.cli.data import add_data, add_tokenizer
 from gpt2lab.cli.eval import add_eval
 from gpt2lab.cli.inference import add_chat, add_consolidate, add_export, add_sample, add_serve
+from gpt2lab.cli.speedrun import add_speedrun
 from gpt2lab.cli.train import add_ablate, add_plot, add_train
 from gpt2lab.cli.tuning import add_rl, add_sft
 from gpt2lab.errors import Gpt2LabError
 
 SUBCOMMANDS = [
     add_sample, add_export, add_consolidate, add_data, add_tokenizer, add_train, add_plot, add_ablate, add_eval,
-    add_bench, add_sft, add_chat, add_serve, add_rl,
+    add_bench, add_sft, add_chat, add_serve, add_rl, add_speedrun,
 ]  # fmt: skip
 
 
