@@ -85,7 +85,8 @@ def test_a_base_model_exports_without_the_chat_files(tmp_path):
     save_model(model, tmp_path / "base")
     assert main(["export", str(tmp_path / "base"), str(tmp_path / "hf")]) == 0
     assert "chat_template" not in json.loads((tmp_path / "hf" / "tokenizer_config.json").read_text())
-    assert not (tmp_path / "hf" / "generation_config.json").exists()
+    # a base model stops at <|endoftext|> alone (issue 26: every export has its generation_config.json)
+    assert json.loads((tmp_path / "hf" / "generation_config.json").read_text())["eos_token_id"] == 50256
 
 
 def test_the_readmes_chat_template_one_liner_prints_gpt2labs_ids(exported):

@@ -211,9 +211,8 @@ def test_what_deepseek_v3_cannot_hold_is_refused_both_ways(tmp_path, capsys):
             export_hf(_model(**{**DEEPSEEK, **MOE, **bad}), tmp_path / "out")
     assert not (tmp_path / "out").exists()
     good = deepseek_config(_model(**DEEPSEEK).config)
-    for bad, message in [(dict(first_k_dense_replace=1, n_routed_experts=8), "routed_scaling_factor=2.5"),
-                         (dict(first_k_dense_replace=1, n_routed_experts=8, routed_scaling_factor=1.0, n_group=4,
-                               topk_group=2), "n_group=4, topk_group=2"),
+    for bad, message in [(dict(first_k_dense_replace=1, n_routed_experts=8), "model.moe_n_group=8 leaves 1 expert"),
+                         (dict(first_k_dense_replace=1, n_routed_experts=8, n_group=3), "moe_n_group must divide"),
                          (dict(attention_bias=True), "attention_bias"),
                          (dict(rope_parameters={"rope_type": "yarn", "factor": 4.0, "rope_theta": 10000.0,
                                                 "original_max_position_embeddings": 8, "mscale": 0.707,

@@ -1,15 +1,16 @@
 """`gpt2lab export` of a chat model: the Hugging Face folder of ``gpt2lab.interop.hf``, plus what makes it a chat model.
 
 For a model fine-tuned by ``gpt2lab sft`` the folder also gets
-- the special tokens as added tokens of the tokenizer (``added_tokens_decoder`` in tokenizer_config.json, at the
-  ids ``gpt2lab.tokenizer.bpe`` gives them, or a trained tokenizer's own ids, its tokenizer.json beside), so
-  transformers never splits them and never makes them from text other than their exact strings;
+- the special tokens as added tokens of the tokenizer (``added_tokens_decoder`` in tokenizer_config.json and
+  the added tokens of tokenizer.json, at the ids ``gpt2lab.tokenizer.bpe`` gives them, or a trained tokenizer's
+  own ids, already in its tokenizer.json), so transformers never splits them and never makes them from text other
+  than their exact strings;
 - ``chat_template``: ``gpt2lab.chat.template.CHAT_TEMPLATE``, the same rendering as ``render`` (tests compare
   ``apply_chat_template(..., add_generation_prompt=True)`` with gpt2lab's ids). One difference is
   transformers' own: a message holding a special token's exact string (``<|user_end|>``) becomes that token
   there, as transformers splits text at added tokens; gpt2lab keeps it text;
 - generation_config.json whose ``eos_token_id`` lists <|endoftext|> and <|assistant_end|>, so ``generate``
-  stops at the end of the assistant's turn.
+  stops at the end of the assistant's turn (a base export's lists <|endoftext|> alone: gpt2lab.interop.hf).
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ import json
 from pathlib import Path
 
 from gpt2lab.chat.template import CHAT_TEMPLATE
+from gpt2lab.errors import Gpt2LabError
+from gpt2lab.interop.hf import generation_config, write_json
 from gpt2lab.tokenizer.bpe import EOT_ID, EOT_TOKEN, SPECIAL_IDS, SPECIAL_TOKENS, TOKENIZER_JSON, TrainedTokenizer
 
 
@@ -29,14 +32,18 @@ def _added(content: str) -> dict:
 def write_chat_files(out_dir: str | Path) -> None:
     """Add the chat's special tokens, template and stopping rule to an exported folder (tokenizer files there).
 
-    With a trained tokenizer (tokenizer.json there) the ids are that tokenizer's own: tokenizer.json already
-    holds <|endoftext|> and SPECIAL_TOKENS as special added tokens (``gpt2lab.tokenizer.train``).
+    With a trained tokenizer (tokenizer.json there, no vocab.json) the ids are that tokenizer's own: tokenizer.json
+    already holds <|endoftext|> and SPECIAL_TOKENS as special added tokens (``gpt2lab.tokenizer.train``). With
+    GPT-2's (vocab.json there) they are added to its tokenizer.json at SPECIAL_IDS.
     """
     out_dir = Path(out_dir)
     path = out_dir / "tokenizer_config.json"
     tok_config = json.loads(path.read_text()) if path.is_file() else {}
     eot, ids = EOT_ID, SPECIAL_IDS
-    if (out_dir / TOKENIZER_JSON).is_file():
+    if (out_dir / "vocab.json").is_file():
+        if (out_dir / TOKENIZER_JSON).is_file():
+            add_special_tokens(out_dir / TOKENIZER_JSON)
+    elif (out_dir / TOKENIZER_JSON).is_file():
         tok = TrainedTokenizer(out_dir)
         eot, ids = tok.eot, {token: tok.special_id(token) for token in SPECIAL_TOKENS}
     tok_config["added_tokens_decoder"] = {str(eot): _added(EOT_TOKEN)} | {
@@ -45,9 +52,19 @@ def write_chat_files(out_dir: str | Path) -> None:
     tok_config["extra_special_tokens"] = list(ids)
     tok_config["chat_template"] = CHAT_TEMPLATE
     path.write_text(json.dumps(tok_config, indent=2) + "\n")
-    end = ids["<|assistant_end|>"]
-    generation = {"bos_token_id": eot, "eos_token_id": [eot, end], "pad_token_id": eot}
-    (out_dir / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+    write_json(out_dir / "generation_config.json", generation_config(eot, [eot, ids["<|assistant_end|>"]]))
+
+
+def add_special_tokens(path: Path) -> None:
+    """SPECIAL_TOKENS added to GPT-2's tokenizer.json (50,257 tokens), so they take SPECIAL_IDS: 50257, 50258, ..."""
+    from tokenizers import AddedToken, Tokenizer
+
+    tok = Tokenizer.from_file(str(path))
+    tok.add_special_tokens([AddedToken(token, special=True, normalized=False) for token in SPECIAL_TOKENS])
+    got = {token: tok.token_to_id(token) for token in SPECIAL_TOKENS}
+    if got != SPECIAL_IDS:  # a tokenizer.json other than GPT-2's beside GPT-2's vocab.json
+        raise Gpt2LabError(f"{path}: the chat tokens would take ids {list(got.values())}, not GPT-2's {SPECIAL_IDS}")
+    path.write_text(tok.to_str(pretty=True))
 
 
 def add_chat_files(spec: str, out_dir: str | Path) -> None:

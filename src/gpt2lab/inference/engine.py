@@ -54,10 +54,25 @@ class Sequence:
     top_p: float | None = None
     seed: int | None = None
     end_ids: frozenset[int] = frozenset()
+    presence_penalty: float = 0.0  # OpenAI's penalties, over the tokens this sequence has generated
+    frequency_penalty: float = 0.0
+    logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit
+    top_logprobs: int | None = None  # set: each emitted token's log-prob and the top ones go to ``logprobs``
+    logprobs: list[tuple[int, float, list[tuple[int, float]]]] = field(default_factory=list)  # (token, lp, top)
     cancelled: bool = False
     generated: int = 0
     last: int = -1  # the token fed at the next step
     generator: torch.Generator | None = field(default=None, repr=False)
+    counts: torch.Tensor | None = field(default=None, repr=False)  # (V,) times each token was generated
+    bias: torch.Tensor | None = field(default=None, repr=False)  # (V,) logit_bias as a dense row
+
+    def adjust(self, logits: torch.Tensor) -> torch.Tensor:
+        """Logits (1, V) with OpenAI's penalties and logit_bias applied, as OpenAI defines them:
+        logits[j] - frequency_penalty * count[j] - presence_penalty * (count[j] > 0) + logit_bias[j]."""
+        if self.counts is None:
+            return logits
+        counts = self.counts
+        return logits.float() - self.frequency_penalty * counts - self.presence_penalty * (counts > 0) + self.bias
 
 
 class Engine:
@@ -152,6 +167,12 @@ class Engine:
             seq.generator.seed()
         else:
             seq.generator.manual_seed(seq.seed)
+        if seq.presence_penalty or seq.frequency_penalty or seq.logit_bias:
+            vocab = self.model.config.vocab_size
+            seq.counts = torch.zeros(vocab, device=self.device)
+            seq.bias = torch.zeros(vocab, device=self.device)
+            for token, bias in seq.logit_bias.items():
+                seq.bias[token] = bias
         alone = KVCache(self.model.config, 1, len(seq.prompt), self.device, self.cache.k.dtype)
         ids = torch.tensor([seq.prompt], dtype=torch.long, device=self.device)
         logits = last_logits(self.model, ids, alone, self.head)  # (1, V)
@@ -176,11 +197,18 @@ class Engine:
         seq = self.active[slot]
         if seq.cancelled:
             return
-        token = int(sample_next(logits, seq.temperature, seq.top_k, seq.top_p, seq.generator)[0])
+        token = int(sample_next(seq.adjust(logits), seq.temperature, seq.top_k, seq.top_p, seq.generator)[0])
         self.generated_tokens += 1
         if token in seq.end_ids:
             seq.last = -1
             return
+        if seq.counts is not None:
+            seq.counts[token] += 1
+        if seq.top_logprobs is not None:  # the model's own distribution: before penalties and temperature
+            logprobs = torch.log_softmax(logits[0].float(), dim=-1)  # (V,)
+            top = torch.topk(logprobs, seq.top_logprobs) if seq.top_logprobs else None
+            pairs = list(zip(top.indices.tolist(), top.values.tolist())) if top is not None else []
+            seq.logprobs.append((token, float(logprobs[token]), pairs))  # before emit: the reader finds it there
         seq.generated += 1
         seq.last = token
         seq.emit(token, None)

@@ -3,8 +3,8 @@
 Multi-head latent attention + RoPE + RMSNorm + SwiGLU + no biases is exactly ``DeepseekV3ForCausalLM``,
 with dense MLPs in every block (``first_k_dense_replace = num_hidden_layers``) or with mixtures of experts
 (gpt2lab.model.moe) in the last blocks routing as DeepSeek-V3 does: sigmoid scores, the routing bias
-``e_score_correction_bias`` steering the choice only, shared experts. gpt2lab has neither group-limited
-routing nor a ``routed_scaling_factor``: folders need ``n_group = topk_group`` and a factor of 1. The attention
+``e_score_correction_bias`` steering the choice only, group-limited routing (``n_group``, ``topk_group``),
+gate weights times ``routed_scaling_factor``, shared experts (ROUTING_NAMES: those fields both ways). The attention
 weights keep transformers' names (gpt2lab.model.gpt's MultiHeadLatentAttention uses them) but for the output
 projection (c_proj: o_proj); routed experts are written one tensor per expert, as ``save_pretrained`` writes them.
 DeepSeek's checkpoints rotate neighbouring RoPE dimensions together (``rope_interleave``), gpt2lab the
@@ -34,8 +34,9 @@ LAYER_NAMES = {
 }
 # an MoE block's shared experts (one SwiGLU): Hugging Face name -> gpt2lab name
 SHARED_NAMES = {"gate_proj": "c_gate", "up_proj": "c_fc", "down_proj": "c_proj"}
-# DeepseekV3MoE's routing options that keep it gpt2lab.model.moe's: every group eligible, gate weights not rescaled
-PLAIN_ROUTING = {"n_group": 1, "topk_group": 1, "routed_scaling_factor": 1.0}
+# DeepseekV3MoE's routing options: Hugging Face name -> (gpt2lab field, DeepseekV3Config's default where unset)
+ROUTING_NAMES = {"n_group": ("moe_n_group", 8), "topk_group": ("moe_topk_group", 4),
+                 "routed_scaling_factor": ("moe_routed_scaling_factor", 2.5)}  # fmt: skip
 
 
 def _layer_names(config: GPTConfig, layer: int) -> dict[str, str]:
@@ -97,9 +98,9 @@ def config_to_hf(config: GPTConfig) -> dict:
     if config.n_experts:
         hf |= {"n_routed_experts": config.n_experts, "num_experts_per_tok": config.experts_per_token,
                "moe_intermediate_size": config.expert_hidden, "n_shared_experts": config.n_shared_experts,
-               "norm_topk_prob": config.moe_norm_topk_prob, **PLAIN_ROUTING}  # fmt: skip
-    eos = 50256 if config.vocab_size > 50256 else None  # GPT-2's <|endoftext|>, not DeepseekV3Config's 0 and 1
-    return hf | {"bos_token_id": eos, "eos_token_id": eos}
+               "norm_topk_prob": config.moe_norm_topk_prob,
+               **{name: getattr(config, ours) for name, (ours, _) in ROUTING_NAMES.items()}}  # fmt: skip
+    return hf  # bos_token_id, eos_token_id: export_hf's, the tokenizer's <|endoftext|> (not DeepseekV3Config's 0, 1)
 
 
 def _check_rope(hf: dict, source) -> None:
@@ -146,16 +147,11 @@ def _moe_from_hf(hf: dict) -> dict:
     layers, first = hf["num_hidden_layers"], hf.get("first_k_dense_replace", 3)
     if first >= layers or not hf.get("n_routed_experts", 256):
         return {}
-    groups, kept, scale = hf.get("n_group", 8), hf.get("topk_group", 4), hf.get("routed_scaling_factor", 2.5)
-    if groups != kept or scale != 1:  # group-limited routing, rescaled gate weights: not in gpt2lab.model.moe
-        raise Gpt2LabError(
-            f"deepseek_v3 with n_group={groups}, topk_group={kept}, routed_scaling_factor={scale} is not supported "
-            "(gpt2lab's MoE routes over all experts, unscaled: n_group = topk_group, routed_scaling_factor = 1)"
-        )
+    routing = {ours: hf.get(name, default) for name, (ours, default) in ROUTING_NAMES.items()}
     return dict(n_experts=hf.get("n_routed_experts", 256), experts_per_token=hf.get("num_experts_per_tok", 8),
                 moe_hidden=hf.get("moe_intermediate_size", 2048), n_shared_experts=hf.get("n_shared_experts", 1),
                 moe_router="sigmoid", moe_norm_topk_prob=bool(hf.get("norm_topk_prob", True)),
-                moe_layers="all" if first <= 0 else ",".join(map(str, range(first, layers))))  # fmt: skip
+                moe_layers="all" if first <= 0 else ",".join(map(str, range(first, layers)))) | routing  # fmt: skip
 
 
 def _permute_rope_rows(weight: torch.Tensor, rows_per_head: int, rope_dim: int, to_interleaved: bool) -> torch.Tensor:

@@ -2,8 +2,10 @@
 
 Hugging Face stores GPT-2's projections as ``Conv1D`` (weight shape (in, out)); gpt2lab uses
 ``nn.Linear`` (out, in), so those four weights are transposed on the way in and out. Export
-drops the padded vocabulary rows and the tied ``lm_head.weight`` (transformers re-ties it).
-``transformers`` itself is never imported here; ``huggingface_hub`` only for hub downloads.
+drops the padded vocabulary rows and the tied ``lm_head.weight`` (transformers re-ties it), and writes
+the tokenizer's <|endoftext|> id as bos/eos (config.json, generation_config.json) for every family, beside
+tokenizer.json. ``transformers`` itself is never imported here (``tokenizers`` builds tokenizer.json);
+``huggingface_hub`` only for hub downloads.
 """
 
 from __future__ import annotations
@@ -74,7 +76,7 @@ def config_from_hf(hf: dict, source: Path | str = "config.json") -> GPTConfig:
 
 def config_to_hf(config: GPTConfig) -> dict:
     """A Hugging Face GPT-2 config.json dict for this config (vocabulary unpadded)."""
-    hf = {
+    return {
         "architectures": ["GPT2LMHeadModel"],
         "model_type": "gpt2",
         "vocab_size": config.vocab_size,
@@ -93,10 +95,7 @@ def config_to_hf(config: GPTConfig) -> dict:
         "scale_attn_weights": True,
         "tie_word_embeddings": True,
         "use_cache": True,
-    }
-    if config.vocab_size > 50256:  # GPT-2's <|endoftext|> exists in this vocabulary
-        hf |= {"bos_token_id": 50256, "eos_token_id": 50256}
-    return hf
+    }  # bos_token_id, eos_token_id: export_hf's, the tokenizer's <|endoftext|>
 
 
 def from_hf_state_dict(
@@ -209,8 +208,15 @@ def check_gpt2(config: GPTConfig) -> None:
         )
 
 
-def export_hf(model: GPT, out_dir: str | Path, tokenizer_files: tuple[Path, Path] | None = None) -> Path:
-    """Write a Hugging Face folder (GPT-2, Llama, Qwen3 or DeepSeek-V3): config.json, model.safetensors, tokenizer."""
+def export_hf(
+    model: GPT, out_dir: str | Path, tokenizer_files: tuple[Path, Path] | None = None, eot: int | None = 50256
+) -> Path:
+    """Write a Hugging Face folder (GPT-2, Llama, Qwen3, Qwen3-MoE, Mixtral or DeepSeek-V3): config.json,
+    generation_config.json, model.safetensors and, given GPT-2's two files, the tokenizer.
+
+    eot: the tokenizer's <|endoftext|> id (GPT-2's 50256 by default), written as bos/eos so that ``generate`` stops
+    there; None, or an id outside the vocabulary, writes null (not the family's defaults, e.g. Llama's 1 and 2).
+    """
     if model.config.attention == "mla":  # DeepSeek-V3 (gpt2lab.interop.deepseek)
         hf_deepseek.check_exportable(model.config)
         to_config, to_weights = hf_deepseek.config_to_hf, hf_deepseek.to_hf_state_dict
@@ -224,23 +230,59 @@ def export_hf(model: GPT, out_dir: str | Path, tokenizer_files: tuple[Path, Path
         to_config, to_weights = config_to_hf, to_hf_state_dict
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    config = to_config(model.config)
+    eot = eot if eot is not None and eot < model.config.vocab_size else None
+    config = to_config(model.config) | {"bos_token_id": eot, "eos_token_id": eot}
     config["torch_dtype"] = str(next(model.parameters()).dtype).removeprefix("torch.")
     weights = to_weights(model)
     save_tensors(weights, out_dir / "model.safetensors", metadata={"format": "pt"})
-    (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    write_json(out_dir / "config.json", config)
+    if eot is not None:  # generate's stopping rule (a chat export lists <|assistant_end|> too: gpt2lab.chat.export)
+        write_json(out_dir / "generation_config.json", generation_config(eot, [eot]))
     if tokenizer_files is not None:
         encoder, vocab = tokenizer_files
         shutil.copyfile(encoder, out_dir / "vocab.json")
         shutil.copyfile(vocab, out_dir / "merges.txt")
+        (out_dir / "tokenizer.json").write_text(gpt2_tokenizer_json(encoder, vocab))
         tok_config = {"tokenizer_class": "GPT2Tokenizer", "model_max_length": model.config.block_size}
         tok_config |= {"bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>"}
-        (out_dir / "tokenizer_config.json").write_text(json.dumps(tok_config, indent=2) + "\n")
+        write_json(out_dir / "tokenizer_config.json", tok_config)
     return out_dir
 
 
+def generation_config(eot: int, eos: list[int]) -> dict:
+    """generation_config.json: stop at any of ``eos``, pad with <|endoftext|>.
+
+    The pad id lives here, not in config.json: there transformers' Llama-like models make it the embedding's
+    padding_idx, whose row then gets no gradient in fine-tuning, and <|endoftext|> is a token the model must learn.
+    """
+    return {"bos_token_id": eot, "eos_token_id": eos[0] if len(eos) == 1 else eos, "pad_token_id": eot}
+
+
+def write_json(path: Path, data: dict) -> None:
+    path.write_text(json.dumps(data, indent=2) + "\n")
+
+
+def gpt2_tokenizer_json(encoder: str | Path, vocab: str | Path) -> str:
+    """tokenizer.json (Hugging Face tokenizers' whole-tokenizer file) of OpenAI's two GPT-2 files: byte-level BPE,
+    GPT-2's pre-tokenisation regex, <|endoftext|> special: what transformers' GPT-2 converter builds (transformers 5's
+    GPT2TokenizerFast(vocab_file=..., merges_file=...) no longer reads the files: it saves an empty vocabulary)."""
+    from tokenizers import AddedToken, Tokenizer, decoders, pre_tokenizers, processors
+    from tokenizers.models import BPE
+
+    ranks = json.loads(Path(encoder).read_text(encoding="utf-8"))
+    lines = Path(vocab).read_text(encoding="utf-8").splitlines()
+    merges = [tuple(line.split(" ")) for line in lines if line and not line.startswith("#version")]
+    tok = Tokenizer(BPE(ranks, merges, continuing_subword_prefix="", end_of_word_suffix="", fuse_unk=False))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    tok.add_special_tokens([AddedToken("<|endoftext|>", special=True, normalized=False)])
+    return tok.to_str(pretty=True)
+
+
 def export_trained_tokenizer(tok, out_dir: Path, block_size: int) -> None:
-    """A trained tokenizer (tokenizer/train.py) beside the weights: tokenizer.json as trained, for AutoTokenizer."""
+    """A trained tokenizer (tokenizer/train.py) beside the weights: tokenizer.json as trained, for AutoTokenizer
+    (its <|endoftext|> id, tok.eot, goes to export_hf)."""
     from gpt2lab.tokenizer.bpe import EOT_TOKEN, TOKENIZER_JSON, TOKENIZER_META
 
     for name in (TOKENIZER_JSON, TOKENIZER_META):
@@ -248,9 +290,7 @@ def export_trained_tokenizer(tok, out_dir: Path, block_size: int) -> None:
             shutil.copyfile(tok.folder / name, out_dir / name)
     tok_config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": block_size}
     tok_config |= {"bos_token": EOT_TOKEN, "eos_token": EOT_TOKEN}
-    (out_dir / "tokenizer_config.json").write_text(json.dumps(tok_config, indent=2) + "\n")
-    config = json.loads((out_dir / "config.json").read_text()) | {"bos_token_id": tok.eot, "eos_token_id": tok.eot}
-    (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")  # <|endoftext|>'s id in this vocabulary
+    write_json(out_dir / "tokenizer_config.json", tok_config)
 
 
 def export_command(args: argparse.Namespace, model: GPT, tokenizer=None) -> int:
@@ -259,7 +299,7 @@ def export_command(args: argparse.Namespace, model: GPT, tokenizer=None) -> int:
     from gpt2lab.tokenizer.bpe import TrainedTokenizer, get_tokenizer
 
     if isinstance(tokenizer, TrainedTokenizer):
-        out = export_hf(model, args.out_dir, None)
+        out = export_hf(model, args.out_dir, None, eot=tokenizer.eot)
         export_trained_tokenizer(tokenizer, out, model.config.block_size)
         print(f"wrote Hugging Face folder {out} ({model.num_params(False):,} parameters, tokenizer {tokenizer.name})")
         return 0

@@ -67,6 +67,9 @@ class GPTConfig:
     moe_layers: str = "all"  # MoE blocks: all | every_other (1, 3, 5, ...) | indices, e.g. "1,2,3"; the rest dense
     moe_router: str = "softmax"  # router scores: softmax (Mixtral, Qwen3-MoE) | sigmoid (DeepSeek-V3)
     moe_norm_topk_prob: bool = True  # renormalise the k gate weights to sum to 1 (Mixtral; norm_topk_prob)
+    moe_routed_scaling_factor: float = 1.0  # the k gate weights times this (DeepSeek-V3: 2.5); 1 = unscaled
+    moe_n_group: int = 1  # experts in this many equal groups for group-limited routing (DeepSeek-V3: 8); 1 = off
+    moe_topk_group: int = 1  # the groups a token may route to: best by their 2 best scores (DeepSeek-V3: 4)
     moe_bias_update_rate: float = 0.001  # DeepSeek-V3's aux-loss-free balancing step (gamma); 0 = off
     moe_aux_loss_coef: float = 0.0  # Switch-style load-balancing loss coefficient (Qwen3-MoE: 0.001); 0 = off
 
@@ -132,7 +135,30 @@ class GPTConfig:
                 raise ValueError(f"model.{name} must be >= 0 (got {getattr(self, name)})")
         if self.expert_hidden < 1:
             raise ValueError(f"model.moe_hidden must be >= 1 (got {self.expert_hidden})")
+        if not self.moe_routed_scaling_factor > 0:
+            raise ValueError(f"model.moe_routed_scaling_factor must be > 0 (got {self.moe_routed_scaling_factor})")
+        self._check_moe_groups()
         self.moe_layer_ids  # noqa: B018 (raises on a bad model.moe_layers)
+
+    def _check_moe_groups(self) -> None:
+        """Group-limited routing's rules: equal groups, each with the two experts its score sums, enough experts."""
+        groups, kept = self.moe_n_group, self.moe_topk_group
+        deepseek = {"moe_n_group": 1, "moe_topk_group": 1, "moe_routed_scaling_factor": 1.0}
+        changed = [f"model.{k}={getattr(self, k)}" for k, v in deepseek.items() if getattr(self, k) != v]
+        if changed and self.moe_router != "sigmoid":  # so no Qwen3-MoE/Mixtral (softmax) model can carry them
+            raise ValueError(f"{', '.join(changed)}: DeepSeek-V3's routing, needs model.moe_router=sigmoid")
+        if groups < 1 or self.n_experts % groups:
+            raise ValueError(f"model.moe_n_group must divide n_experts ({self.n_experts}) into equal groups "
+                             f"(got {groups})")  # fmt: skip
+        if not 1 <= kept <= groups:
+            raise ValueError(f"model.moe_topk_group must be 1 .. moe_n_group ({groups}), got {kept}")
+        per_group = self.n_experts // groups
+        if groups > 1 and per_group < 2:  # a group's score is the sum of its two best experts' scores
+            raise ValueError(f"model.moe_n_group={groups} leaves {per_group} expert per group; "
+                             "group-limited routing needs at least 2")  # fmt: skip
+        if self.experts_per_token > kept * per_group:
+            raise ValueError(f"model.experts_per_token ({self.experts_per_token}) exceeds the experts of the "
+                             f"moe_topk_group={kept} groups a token may use ({kept * per_group})")  # fmt: skip
 
     @property
     def expert_hidden(self) -> int:

@@ -4,8 +4,11 @@ A router (``gate``: n_embd -> n_experts, no bias) scores each token against ever
 (Mixtral, Qwen3-MoE) or by sigmoid (DeepSeek-V3). Each token goes through the ``experts_per_token``
 (k) routed experts of highest score, whose outputs are summed weighted by their scores; with
 ``moe_norm_topk_prob`` the k weights are renormalised to sum to 1 (Mixtral always, Qwen3-MoE's and
-DeepSeek-V3's ``norm_topk_prob``). ``n_shared_experts`` always-on experts (DeepSeek, Qwen2-MoE) are
-one SwiGLU MLP of n_shared_experts x moe_hidden, added for every token.
+DeepSeek-V3's ``norm_topk_prob``), then multiplied by ``moe_routed_scaling_factor`` (DeepSeek-V3's
+``routed_scaling_factor``, 2.5). DeepSeek-V3's group-limited routing (``moe_n_group`` > 1): the experts sit in
+n_group equal groups, each group scored by the sum of its two best (bias-corrected) scores, and a token
+chooses its k experts among those of its ``moe_topk_group`` best groups only. ``n_shared_experts`` always-on
+experts (DeepSeek, Qwen2-MoE) are one SwiGLU MLP of n_shared_experts x moe_hidden, added for every token.
 
 Routed experts are SwiGLU MLPs without biases, held as 3-D tensors in transformers' own layout
 (``Qwen3MoeExperts``): ``gate_up_proj`` (E, 2 x hidden, n_embd), gate rows first, and ``down_proj``
@@ -20,6 +23,8 @@ Load balancing, each switched by its config field (0 = off):
   only; the gate weights come from the unbiased scores. After each optimizer step ``update_bias``
   moves every bias by ``moe_bias_update_rate`` x sign(mean load - its load), so an overloaded expert
   is chosen less. The bias is a buffer, saved in checkpoints: a resumed run routes as the straight one.
+  It stays float32 when the model is cast (bf16 serving): updates of 0.001 vanish in bf16's 8 bits, and
+  transformers keeps it float32 too. The training loop skips the update with the step (non-finite loss).
 - The classic auxiliary loss (Switch Transformer, eq. 4; transformers' ``load_balancing_loss_func``):
   E x sum_e f_e P_e per MoE block, f_e the fraction of tokens sent to expert e (its k choices counted,
   so the f_e sum to k), P_e its mean router probability (sigmoid scores normalised per token);
@@ -99,6 +104,8 @@ class MoE(nn.Module):
         super().__init__()
         self.n_experts, self.top_k = config.n_experts, config.experts_per_token
         self.router, self.norm_topk_prob = config.moe_router, config.moe_norm_topk_prob
+        self.routed_scaling_factor = config.moe_routed_scaling_factor
+        self.n_group, self.topk_group = config.moe_n_group, config.moe_topk_group
         self.bias_update_rate, self.aux_loss_coef = config.moe_bias_update_rate, config.moe_aux_loss_coef
         self.gate = nn.Linear(config.n_embd, config.n_experts, bias=False)
         self.experts = Experts(config.n_experts, config.n_embd, config.expert_hidden)
@@ -115,11 +122,21 @@ class MoE(nn.Module):
         """Scores (N, E), the k chosen experts (N, k) and their gate weights (N, k), for x (N, C)."""
         logits = self.gate(x).float()  # (N, E)
         scores = logits.softmax(dim=-1) if self.router == "softmax" else logits.sigmoid()
-        chosen = torch.topk(scores + self.e_score_correction_bias, self.top_k, dim=-1).indices  # (N, k)
+        choice = scores + self.e_score_correction_bias  # (N, E): the bias steers the choice only
+        if self.topk_group < self.n_group:
+            choice = self.limit_groups(choice)
+        chosen = torch.topk(choice, self.top_k, dim=-1).indices  # (N, k)
         weights = scores.gather(1, chosen)  # (N, k): from the unbiased scores
         if self.norm_topk_prob:
             weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)  # DeepSeek-V3's epsilon
-        return scores, chosen, weights
+        return scores, chosen, weights * self.routed_scaling_factor
+
+    def limit_groups(self, choice: torch.Tensor) -> torch.Tensor:
+        """choice (N, E) with -inf outside each token's topk_group best groups, a group scored by its two best."""
+        groups = choice.view(choice.size(0), self.n_group, -1)  # (N, G, E/G)
+        best = groups.topk(2, dim=-1).values.sum(dim=-1).topk(self.topk_group, dim=-1).indices  # (N, topk_group)
+        kept = torch.zeros_like(groups[..., 0], dtype=torch.bool).scatter_(1, best, True)  # (N, G)
+        return groups.masked_fill(~kept[..., None], float("-inf")).view_as(choice)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, T, C = x.size()
@@ -133,6 +150,15 @@ class MoE(nn.Module):
             y = y + self.shared_experts(x)  # with its own dropout
         return y.view(B, T, C)
 
+    def _apply(self, fn, recurse=True):
+        """nn.Module's, but a cast leaves the routing bias its float32 values: it only follows the device."""
+        bias = self.e_score_correction_bias
+        super()._apply(fn, recurse)
+        moved = self.e_score_correction_bias
+        if moved.dtype != torch.float32:  # cast (bf16, fp16, fp64): the values from before it, never rounded
+            self.e_score_correction_bias = bias.to(moved.device, torch.float32)
+        return self
+
     def balancing_loss(self, scores: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """Switch's auxiliary loss E x sum_e f_e P_e (1 x k when perfectly balanced); gradient through P."""
         probs = scores if self.router == "softmax" else scores / scores.sum(dim=-1, keepdim=True)  # (N, E)
@@ -142,6 +168,10 @@ class MoE(nn.Module):
     def record_load(self) -> None:
         """Add the last forward's expert counts to this step's load."""
         self.load = self.counts if self.load is None else self.load + self.counts
+
+    def discard_load(self) -> None:
+        """Forget this step's load: the training loop skipped the step, so the bias must not move either."""
+        self.load = None
 
     @torch.no_grad()
     def update_bias(self, load: torch.Tensor) -> None:

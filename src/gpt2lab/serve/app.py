@@ -2,7 +2,8 @@
 answer every error as OpenAI's error object; ``serve_in_thread`` runs it in this process (tests, benchmarks).
 
 Routes: ``POST /v1/chat/completions`` and ``POST /v1/completions`` (JSON, or server-sent events with
-``stream: true``), ``GET /v1/models``, ``GET /health`` and the chat page at ``/`` (``static/index.html``).
+``stream: true``), ``GET /v1/models`` and ``GET /v1/models/{id}``, ``GET /health`` and the chat page at ``/``
+(``static/index.html``).
 Bad input is a 4xx, never a traceback: malformed JSON, a wrong field type or range, an unknown role, a prompt or
 max_tokens that cannot fit the context, a body over the size limit (413), a full queue (503).
 """
@@ -118,10 +119,18 @@ def create_app(
     async def completions(body: CompletionRequest, request: Request):
         return await respond(service, service.completion_job(body), request, chat=False)
 
+    def card() -> dict:
+        return {"id": service.name, "object": "model", "created": 0, "owned_by": "gpt2lab",
+                "context_length": service.block_size}  # fmt: skip
+
     @app.get("/v1/models", dependencies=auth)
     async def models():
-        card = {"id": service.name, "object": "model", "created": 0, "owned_by": "gpt2lab"}
-        return {"object": "list", "data": [{**card, "context_length": service.block_size}]}
+        return {"object": "list", "data": [card()]}
+
+    @app.get("/v1/models/{model:path}", dependencies=auth)  # path: an id may hold a "/" (org/name)
+    async def model(model: str):
+        service.check_model(model)
+        return card()
 
     @app.get("/health")
     async def health():

@@ -17,4 +17,5 @@ class ServeLimits:
     default_max_tokens: int = 256  # when the request gives no max_tokens (never more than the context left)
     max_top_k: int = 1000
     max_n: int = 4
+    max_prompts: int = 32  # prompts in one /v1/completions request (each gets its own n choices)
     max_body_bytes: int = 1_000_000

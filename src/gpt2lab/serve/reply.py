@@ -3,7 +3,7 @@ reply's thinking (between <think> and </think>) kept apart from its answer."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from gpt2lab.inference.generate import TextStream
 
@@ -42,12 +42,14 @@ class StopText:
 
 @dataclass
 class Piece:
-    """Text of one choice that became ready: answer text, thinking text, and the finish_reason at its end."""
+    """Text of one choice that became ready: answer text, thinking text, the finish_reason at its end, and the
+    log-probs of the tokens read since the last piece (when asked for: ``serve.logprobs`` entries)."""
 
     index: int
     text: str = ""
     reasoning: str = ""
     finish_reason: str | None = None
+    logprobs: list = field(default_factory=list)
 
 
 class ReplyText:

@@ -5,8 +5,9 @@
 app (``app.create_app``) around one ``Engine`` under uvicorn until Ctrl-C.
 
 The parts: ``schemas`` (request bodies, OpenAI's error object), ``service`` (a request to engine sequences and
-back to text), ``reply`` (the text of a reply: stop strings, thinking), ``responses`` (OpenAI's JSON and
-server-sent events), ``app`` (routes, limits, error handlers), ``limits`` (what one request may ask for).
+back to text), ``reply`` (the text of a reply: stop strings, thinking), ``logprobs`` (OpenAI's two log-prob
+shapes), ``responses`` (OpenAI's JSON and server-sent events), ``app`` (routes, limits, error handlers),
+``limits`` (what one request may ask for).
 """
 
 from __future__ import annotations

@@ -23,16 +23,18 @@ from gpt2lab.errors import Gpt2LabError
 from gpt2lab.inference.engine import Engine, Sequence
 from gpt2lab.serve.limits import ServeLimits
 from gpt2lab.serve.reply import Piece, ReplyText
-from gpt2lab.serve.schemas import APIError, ChatRequest, CompletionRequest, Sampling
+from gpt2lab.serve.schemas import APIError, ChatRequest, CompletionRequest, Message, Sampling, unsupported
 from gpt2lab.tokenizer.bpe import SPECIAL_TOKENS
 
 
 @dataclass
 class Job:
-    """A request, ready for the engine: its prompt, sampling, limits and stop strings."""
+    """A request, ready for the engine: its prompts, sampling, limits and stop strings.
 
-    prompt: list[int]
-    max_new_tokens: int
+    Choice ``p * n + j`` is the j-th of prompt p's n choices (OpenAI's order for a list of prompts)."""
+
+    prompts: list[list[int]]
+    max_new_tokens: int  # for each choice, never past the context left after its prompt
     body: Sampling
     stops: tuple[str, ...]
     trimmed: int = 0
@@ -40,8 +42,32 @@ class Job:
     sequences: list[Sequence] = field(default_factory=list)  # set when generation starts
 
     @property
+    def prompt(self) -> list[int]:
+        return self.prompts[0]
+
+    @property
+    def choices(self) -> int:
+        return len(self.prompts) * self.body.n
+
+    @property
+    def prompt_tokens(self) -> int:
+        return sum(len(p) for p in self.prompts)
+
+    @property
     def completion_tokens(self) -> int:
         return sum(s.generated for s in self.sequences)
+
+    @property
+    def echo(self) -> bool:
+        return not self.chat and bool(self.body.echo)
+
+    @property
+    def top_logprobs(self) -> int | None:
+        """How many top tokens each token's log-probs list; None: no log-probs."""
+        b = self.body
+        if self.chat:
+            return (b.top_logprobs or 0) if b.logprobs else None
+        return b.logprobs
 
 
 class Service:
@@ -55,14 +81,31 @@ class Service:
 
     def requested_tokens(self, body: Sampling) -> int | None:
         """max_tokens, checked against the context and the limit."""
-        n = body.max_tokens or body.max_completion_tokens
+        n = body.max_tokens if body.max_tokens is not None else body.max_completion_tokens
+        if n == 0 and not getattr(body, "echo", False):
+            raise APIError(400, "max_tokens 0 asks for no text: it is only for scoring a prompt (echo: true)",
+                           param="max_tokens")  # fmt: skip
         cap = min(self.block_size - 1, self.limits.max_tokens or self.block_size)
         if n is not None and n > cap:
             why = "the limit of this server" if cap < self.block_size - 1 else "beyond the model's context"
             raise APIError(400, f"max_tokens {n} is {why} (at most {cap})", param="max_tokens")
         return n
 
+    def check_model(self, model: str | None) -> None:
+        """A request may leave the model out; one naming another model gets OpenAI's (and vLLM's) 404."""
+        if model is not None and model != self.name:
+            raise APIError(
+                404, f"The model `{model}` does not exist: this server serves `{self.name}`.", param="model",
+                code="model_not_found",
+            )  # fmt: skip
+
     def check_sampling(self, body: Sampling) -> None:
+        self.check_model(body.model)
+        if (refused := unsupported(body)) is not None:
+            raise refused
+        self.check_logit_bias(body.logit_bias or {})
+        if body.stream_options is not None and not body.stream:  # as OpenAI answers it
+            raise APIError(400, "stream_options is only allowed with stream: true", param="stream_options")
         if body.n > self.limits.max_n:
             raise APIError(400, f"n {body.n} is over this server's limit of {self.limits.max_n}", param="n")
         if body.top_k is not None and body.top_k > self.limits.max_top_k:
@@ -71,9 +114,18 @@ class Service:
         if len(stops) > 4 or any(not s for s in stops):
             raise APIError(400, "stop takes at most 4 non-empty strings", param="stop")
 
+    def check_logit_bias(self, bias: dict[str, float]) -> None:
+        vocab = self.engine.model.config.vocab_size
+        for key, value in bias.items():
+            if not (key.isdigit() and int(key) < vocab):
+                why = f"logit_bias: {key!r} is not a token id (an integer from 0 to {vocab - 1}, as a string)"
+                raise APIError(400, why, param="logit_bias")
+            if not -100 <= value <= 100:
+                raise APIError(400, f"logit_bias[{key!r}]: {value} is outside [-100, 100]", param="logit_bias")
+
     def chat_job(self, body: ChatRequest) -> Job:
         self.check_sampling(body)
-        messages = [m.model_dump() for m in body.messages]
+        messages = [plain_message(m, i) for i, m in enumerate(body.messages)]
         self.check_messages(messages)
         requested = self.requested_tokens(body)
         reserve = requested or min(self.limits.default_max_tokens, self.block_size // 2)
@@ -88,9 +140,9 @@ class Service:
             )
             raise self.no_room(shortest, requested, why, "messages") from e
         prompt = render(messages, self.tokenizer)
-        max_new = min(requested or self.limits.default_max_tokens, self.block_size - len(prompt))
+        max_new = requested or self.limits.default_max_tokens
         stops = _stops(body) + (() if self.chat_model else (PLAIN_STOP,))
-        return Job(prompt, max_new, body, stops, trimmed)
+        return Job([prompt], max_new, body, stops, trimmed)
 
     def check_messages(self, messages: list[dict]) -> None:
         lim = self.limits
@@ -108,15 +160,33 @@ class Service:
 
     def completion_job(self, body: CompletionRequest) -> Job:
         self.check_sampling(body)
-        if len(body.prompt) > self.limits.max_total_chars:
-            raise APIError(400, f"the prompt holds over {self.limits.max_total_chars} characters", param="prompt")
         requested = self.requested_tokens(body)
-        prompt = self.tokenizer.encode_ordinary(body.prompt) or [self.tokenizer.eot]
-        room = self.block_size - len(prompt)
-        if room < (requested or 1):
-            why = f"the prompt does not fit: it takes {len(prompt)} tokens and the model's context is {self.block_size}"
-            raise self.no_room(len(prompt), requested, why, "prompt")
-        return Job(prompt, min(requested or self.limits.default_max_tokens, room), body, _stops(body), chat=False)
+        prompts = self.completion_prompts(body.prompt)
+        block = self.block_size
+        for prompt in prompts:
+            room = block - len(prompt)
+            if room < (1 if requested is None else requested) or room < 0:
+                why = f"the prompt does not fit: it takes {len(prompt)} tokens and the model's context is {block}"
+                raise self.no_room(len(prompt), requested, why, "prompt")
+        max_new = self.limits.default_max_tokens if requested is None else requested
+        return Job(prompts, max_new, body, _stops(body), chat=False)
+
+    def completion_prompts(self, prompt: str | list) -> list[list[int]]:
+        """Token ids of each prompt: a text, texts, token ids, or lists of token ids (an empty text: <|endoftext|>)."""
+        if not prompt and isinstance(prompt, list):
+            raise APIError(400, "prompt: an empty list holds no prompt", param="prompt")
+        prompts = [prompt] if isinstance(prompt, str) or isinstance(prompt[0], int) else prompt
+        if len(prompts) > self.limits.max_prompts:
+            raise APIError(400, f"{len(prompts)} prompts: the limit is {self.limits.max_prompts}", param="prompt")
+        if sum(len(p) for p in prompts if isinstance(p, str)) > self.limits.max_total_chars:
+            raise APIError(400, f"the prompt holds over {self.limits.max_total_chars} characters", param="prompt")
+        vocab = self.engine.model.config.vocab_size
+        ids = []
+        for i, p in enumerate(prompts):
+            if isinstance(p, list) and any(not 0 <= t < vocab for t in p):
+                raise APIError(400, f"prompt {i}: token ids must be in [0, {vocab})", param="prompt")
+            ids.append((self.tokenizer.encode_ordinary(p) if isinstance(p, str) else p) or [self.tokenizer.eot])
+        return ids
 
     def no_room(self, prompt_tokens: int, requested: int | None, why: str, param: str) -> APIError:
         """The prompt and the reply do not fit the context together: the error blames max_tokens when the
@@ -129,6 +199,25 @@ class Service:
             )  # fmt: skip
         return APIError(400, why, param=param, code="context_length_exceeded")
 
+    def sequences(self, job: Job, emit) -> list[Sequence]:
+        """One engine sequence per choice: choice i continues prompt i // n and samples with seed + i."""
+        b = job.body
+        top_p = None if b.top_p in (None, 1) else b.top_p
+        # what a request leaves out is sampled as `gpt2lab chat` samples: the same model reads the same
+        temperature = DEFAULT_TEMPERATURE if b.temperature is None else b.temperature
+        top_k = min(DEFAULT_TOP_K, self.limits.max_top_k) if b.top_k is None else b.top_k or None
+        bias = {int(k): v for k, v in (b.logit_bias or {}).items()}
+        seqs = []
+        for i in range(job.choices):
+            prompt = job.prompts[i // b.n]
+            seqs.append(Sequence(
+                prompt, min(job.max_new_tokens, self.block_size - len(prompt)), partial(emit, i), temperature,
+                top_k, top_p, None if b.seed is None else b.seed + i, self.end_ids,
+                presence_penalty=b.presence_penalty or 0.0, frequency_penalty=b.frequency_penalty or 0.0,
+                logit_bias=bias, top_logprobs=job.top_logprobs,
+            ))  # fmt: skip
+        return seqs
+
     async def generate(self, job: Job, request: Request) -> AsyncIterator[Piece]:
         """The reply's pieces as they come, each choice ending with one that has a finish_reason; the
         sequences end with this iterator (a client gone, or a stop string reached, cancels them)."""
@@ -140,28 +229,22 @@ class Service:
             except RuntimeError:  # the event loop has closed (the server stopped): nobody is listening
                 pass
 
-        b = job.body
-        top_p = None if b.top_p in (None, 1) else b.top_p
-        # what a request leaves out is sampled as `gpt2lab chat` samples: the same model reads the same
-        temperature = DEFAULT_TEMPERATURE if b.temperature is None else b.temperature
-        top_k = min(DEFAULT_TOP_K, self.limits.max_top_k) if b.top_k is None else b.top_k or None
-        seqs = [
-            Sequence(
-                job.prompt,
-                job.max_new_tokens,
-                partial(emit, i),
-                temperature,
-                top_k,
-                top_p,
-                None if b.seed is None else b.seed + i,
-                self.end_ids,
-            )  # fmt: skip
-            for i in range(b.n)
-        ]
+        if job.max_new_tokens == 0:  # max_tokens 0 with echo: the prompt is scored, nothing is generated
+            for i in range(job.choices):
+                yield Piece(i, finish_reason="length")
+            return
+        seqs = self.sequences(job, emit)
         texts = [ReplyText(self.tokenizer, job.stops, self.think_ids if job.chat else None) for _ in seqs]
         self.engine.submit(seqs)
         job.sequences = seqs
-        open_, checked = set(range(b.n)), time.monotonic()
+        open_, checked = set(range(len(seqs))), time.monotonic()
+        pushed, sent = [0] * len(seqs), [0] * len(seqs)  # tokens read from the queue, and whose log-probs went out
+
+        def piece_of(i: int, text: str, reasoning: str, reason: str | None = None) -> Piece:
+            entries = seqs[i].logprobs[sent[i] : pushed[i]]  # the engine appends each before emitting it
+            sent[i] = pushed[i]
+            return Piece(i, text, reasoning, reason, entries)
+
         try:
             while open_:
                 if time.monotonic() - checked > 0.25:  # the client may be gone (streaming or not)
@@ -175,10 +258,11 @@ class Service:
                 if i not in open_:
                     continue
                 if token is not None:
+                    pushed[i] += 1
                     piece = texts[i].push(token)
                     if piece.finish_reason is None:
                         if piece.text or piece.reasoning:
-                            yield Piece(i, piece.text, piece.reasoning)
+                            yield piece_of(i, piece.text, piece.reasoning)
                         continue
                     seqs[i].cancelled = True  # a stop string: the engine drops the sequence at its next step
                 else:
@@ -186,10 +270,30 @@ class Service:
                         raise APIError(500, f"generation failed ({reason})", type="server_error")
                     piece = texts[i].flush("length" if reason == "length" else "stop")
                 open_.discard(i)
-                yield Piece(i, piece.text, piece.reasoning, piece.finish_reason)
+                yield piece_of(i, piece.text, piece.reasoning, piece.finish_reason)
         finally:
             for seq in seqs:
                 seq.cancelled = True  # a no-op for finished ones; stops those of a client that left
+
+
+def plain_message(message: Message, i: int) -> dict:
+    """{"role", "content"} with content a string: text parts joined by newlines (as vLLM joins them), and the
+    ``developer`` role (OpenAI's newer name for system instructions) read as ``system``."""
+    content = message.content
+    if isinstance(content, list):
+        texts = []
+        for j, part in enumerate(content):
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind != "text" or not isinstance(part.get("text"), str):
+                what = f"a {kind!r} part" if isinstance(kind, str) else "a part that is not {type: text, text}"
+                raise APIError(400, f"messages.{i}.content.{j}: {what}: this model reads text only",
+                               param=f"messages.{i}.content.{j}")  # fmt: skip
+            texts.append(part["text"])
+        content = "\n".join(texts)
+    if not isinstance(content, str):
+        why = f"messages.{i}.content: must be a string or a list of text parts"
+        raise APIError(400, why, param=f"messages.{i}.content")
+    return {"role": "system" if message.role == "developer" else message.role, "content": content}
 
 
 def _special_ids(tokenizer) -> set[int]:

@@ -236,7 +236,10 @@ def train_step(
     loss_value, norm_value, stop_value = stats.tolist()
     if math.isfinite(loss_value) and math.isfinite(norm_value):
         optimizer.step()
-    raw_model.update_moe_bias()  # MoE: the step's expert loads (all ranks) steer the balancing bias; else nothing
+        raw_model.update_moe_bias()  # MoE: the step's expert loads (all ranks) steer the balancing bias; else nothing
+    else:  # a skipped step moves no weight, and no routing bias: its loads are dropped (the same on every rank)
+        for moe in raw_model.moe_layers():
+            moe.discard_load()
     if scaler is not None:
         scaler.update()  # an inf/NaN gradient (found by unscale_) halves the scale, else it may grow
     return loss_value, norm_value, stop_value > 0
