@@ -120,6 +120,7 @@ CHEAP = (
     'python -c "from gpt2lab.model import GPT, GPTConfig; from gpt2lab.checkpoint.folder import save_model;',
     "gpt2lab sample --model runs/random-gpt2 ",
     "gpt2lab export runs/random-gpt2 runs/random-gpt2-hf",
+    "gpt2lab export runs/random-gpt2 runs/random-gpt2.gguf --format gguf",
     'python -c "from transformers import GPT2LMHeadModel',
 )
 

@@ -9,6 +9,7 @@ import argparse
 
 from gpt2lab.chat.defaults import DEFAULT_TEMPERATURE, DEFAULT_TOP_K
 from gpt2lab.cli.options import DTYPES, TOKENIZER_HELP
+from gpt2lab.errors import Gpt2LabError
 
 # ----------------------------------------------------------------------------- sample / export
 
@@ -51,11 +52,21 @@ def add_export(sub) -> None:
         description="Write a checkpoint as a Hugging Face folder that transformers loads. The family follows the "
         "model's [model] switches (interop.hf.export_hf): GPT-2 (the defaults), Llama (RoPE, RMSNorm, SwiGLU, no "
         "bias), Qwen3 (+ qk_norm), Qwen3-MoE or Mixtral (mixture of experts), DeepSeek-V3 (attention = mla); a "
-        "model that is none of them is refused, naming the switch.",
+        "model that is none of them is refused, naming the switch. With --format gguf: one .gguf file for llama.cpp "
+        "and Ollama (interop.gguf: llama.cpp's gpt2, llama or qwen3 architecture), the tokenizer inside and, for a "
+        "chat model, its chat template and <|assistant_end|> as end of turn.",
     )  # fmt: skip
     p.add_argument("checkpoint", help="a gpt2lab checkpoint or run folder (or any --model spec)")
-    p.add_argument("out_dir", help="the Hugging Face folder to write")
+    p.add_argument("out_dir", help="the Hugging Face folder to write (--format gguf: the .gguf file)")
     p.add_argument("--tokenizer", default=None, help=TOKENIZER_HELP + " (copied)")
+    p.add_argument(
+        "--format", default="hf", choices=["hf", "gguf"],
+        help="hf: a Hugging Face folder (transformers); gguf: one file for llama.cpp and Ollama (gpt2, llama, qwen3)",
+    )  # fmt: skip
+    p.add_argument(
+        "--dtype", default=None, choices=DTYPES,
+        help="--format gguf: the matrices' dtype (default float32; norms and biases stay float32)",
+    )  # fmt: skip
     p.set_defaults(func=run_export)
 
 
@@ -64,7 +75,16 @@ def run_export(args: argparse.Namespace) -> int:
     from gpt2lab.interop.load import load_model
     from gpt2lab.interop.tokenizer_match import model_tokenizer
 
+    if args.format == "hf" and args.dtype is not None:
+        raise Gpt2LabError("export: --dtype applies to --format gguf (a Hugging Face folder keeps the stored dtype)")
     tokenizer = model_tokenizer(args.checkpoint, args.tokenizer, load_gpt2=False)  # None: GPT-2's, looked up there
+    if args.format == "gguf":
+        from gpt2lab.chat.base import is_chat_model
+        from gpt2lab.chat.template import CHAT_TEMPLATE
+        from gpt2lab.interop.gguf import gguf_command
+
+        template = CHAT_TEMPLATE if is_chat_model(args.checkpoint) else None  # the HF chat export's template
+        return gguf_command(args, load_model(args.checkpoint), tokenizer, template)
     code = export_command(args, load_model(args.checkpoint), tokenizer)
     from gpt2lab.chat.export import add_chat_files
 
@@ -131,6 +151,7 @@ def add_serve(sub) -> None:
     )
     p.add_argument("--default-max-tokens", type=int, default=d.default_max_tokens, help="when a request gives none")
     p.add_argument("--max-n", type=int, default=d.max_n, help="most choices per request")
+    p.add_argument("--max-prompts", type=int, default=d.max_prompts, help="most prompts per /v1/completions request")
     p.add_argument("--max-top-k", type=int, default=d.max_top_k, help="largest top_k a request may ask for")
     p.add_argument("--max-messages", type=int, default=d.max_messages, help="most messages per request")
     p.add_argument("--max-message-chars", type=int, default=d.max_message_chars, help="longest message")

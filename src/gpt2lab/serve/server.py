@@ -93,7 +93,7 @@ def serve_command(args) -> int:
         max_messages=args.max_messages, max_message_chars=args.max_message_chars,
         max_total_chars=args.max_total_chars, max_tokens=args.max_tokens,
         default_max_tokens=args.default_max_tokens, max_top_k=args.max_top_k, max_n=args.max_n,
-        max_body_bytes=args.max_body_bytes,
+        max_prompts=args.max_prompts, max_body_bytes=args.max_body_bytes,
     )  # fmt: skip
     device = check_device(args.device or default_device())
     tokenizer = model_tokenizer(args.model, args.tokenizer)
