@@ -277,6 +277,9 @@ def validate(config: Config, source: str) -> None:
         if hasattr(section, "validate"):
             problems += section.validate(config.model) if name == "train" else section.validate()
     problems += config_problems(config)  # train.parallel=fsdp with what it cannot run (gpt2lab.train.fsdp)
+    if config.train.parallel == "fsdp" and config.rl.task:  # rollouts and the base weights need the whole model
+        problems.append("rl with train.parallel=fsdp is not supported yet: use ddp (the default), which keeps a "
+                        "whole policy on each rank for its rollouts")  # fmt: skip
     problems += packing_problems(config.sft, config.perf)  # a document mask needs a kernel that takes masks
     if problems:
         raise Gpt2LabError(f"{source}: " + "; ".join(problems))

@@ -97,17 +97,24 @@ def render_prompt(messages: Sequence[dict], tokenizer) -> list[int]:
 def split_reply(ids: Sequence[int], tokenizer) -> tuple[str | None, str]:
     """(reasoning or None, answer) of a generated reply's ids: the text inside <think>...</think>, and the rest.
 
-    The reply ends at <|assistant_end|> (or wherever the ids end); a thinking span never closed is all
-    reasoning and no answer. Other special tokens are dropped from the text.
+    The reply ends at <|assistant_end|> (or wherever the ids end); the answer is the text outside the first
+    thinking span. A thinking span never closed is all reasoning and no answer (even with text before it: a
+    reply cut off mid-thought states nothing), the rule ``gpt2lab.rl.scoring.final_text`` applies to text.
+    Other special tokens are dropped from the text.
     """
     think, end_think = tokenizer.special_id("<think>"), tokenizer.special_id("</think>")
     end = tokenizer.special_id("<|assistant_end|>")
     ids = list(ids)
     ids = ids[: ids.index(end)] if end in ids else ids
-    if think not in ids:
+    if think not in ids:  # a </think> alone closes a span the prompt opened: the reasoning is what precedes it
+        if end_think in ids:
+            stop = ids.index(end_think)
+            return _text(ids[:stop], tokenizer), _text(ids[stop + 1 :], tokenizer)
         return None, _text(ids, tokenizer)
     start = ids.index(think)
-    stop = ids.index(end_think, start) if end_think in ids[start:] else len(ids)
+    if end_think not in ids[start:]:
+        return _text(ids[start + 1 :], tokenizer), ""
+    stop = ids.index(end_think, start)
     return _text(ids[start + 1 : stop], tokenizer), _text(ids[:start] + ids[stop + 1 :], tokenizer)
 
 

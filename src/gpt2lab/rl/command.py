@@ -24,6 +24,7 @@ from gpt2lab.config import (
 )
 from gpt2lab.errors import Gpt2LabError
 from gpt2lab.rl.objective import RLObjective
+from gpt2lab.rl.tasks import record_verifier
 from gpt2lab.train.command import evaluations
 from gpt2lab.train.loop import train
 
@@ -77,6 +78,7 @@ def rl_command(args: argparse.Namespace) -> int:
     """`gpt2lab rl ...`: train the policy, then say how to evaluate it."""
     cfg = rl_config(args)
     run_dir = Path(args.run_dir or Path("runs") / "rl")
+    record_verifier(cfg.rl.verifier)  # a resume imports this verifier again only while its file is unchanged
     train(cfg, run_dir, objective=RLObjective(cfg.rl), evaluations=evaluations(cfg))
     if cfg.rl.task in ("gsm8k", "arith"):
         print(f"evaluate it: gpt2lab eval {cfg.rl.task} --model {run_dir}")

@@ -9,7 +9,8 @@ A task is a small class with
   stated answer is the reference, else 0.0 (``format_reward`` instead, when it parses but is wrong; 0 by default,
   so the reward is exactly "right or not"). A malformed reply scores 0; scoring never raises.
 ``reply_text`` is the answer of a reply (``gpt2lab.chat.template.split_reply``'s second value); a whole decoded
-reply works too: the text after ``</think>`` is scored, and a thinking span never closed states no answer.
+reply works too: the text outside its thinking span is scored, and a thinking span never closed states no answer
+(even with text before it), the rule ``split_reply`` applies to ids.
 
 The tasks themselves: ``gsm8k.py``, ``arith.py``, and ``tasks.py`` (a user's JSONL, and every task by name).
 """
@@ -67,10 +68,15 @@ def last_number(text: str) -> str | None:
 
 
 def final_text(reply_text: str) -> str:
-    """The answer part of a reply: after ``</think>``; nothing when a thinking span is never closed."""
-    if "</think>" in reply_text:
-        return reply_text.rsplit("</think>", 1)[1]
-    return "" if "<think>" in reply_text else reply_text
+    """The answer part of a reply: the text outside its first thinking span (``<think>...</think>``); nothing
+    when that span is never closed. The rule of ``gpt2lab.chat.template.split_reply``, on text."""
+    start = reply_text.find("<think>")
+    if start < 0:  # a </think> alone closes a span the prompt opened
+        return reply_text.split("</think>", 1)[-1]
+    stop = reply_text.find("</think>", start)
+    if stop < 0:
+        return ""
+    return reply_text[:start] + reply_text[stop + len("</think>") :]
 
 
 # ----------------------------------------------------------------------------- the task interface

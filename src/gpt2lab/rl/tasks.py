@@ -12,10 +12,13 @@ Built in:
 
 from __future__ import annotations
 
+import hashlib
 import importlib
+import importlib.machinery
 import importlib.util
 import inspect
 import math
+import os
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -48,6 +51,63 @@ def load_verifier(spec: str) -> Callable:
     if not callable(fn):
         raise Gpt2LabError(f"verifier {spec}: {where} has no function {name}")
     return fn
+
+
+# ----------------------------------------------------------------------------- a resumed run's verifier
+
+
+def trusted_verifiers() -> Path:
+    """Where the verifier files this user's runs started with are recorded, by sha256: outside any run folder,
+    so a run folder from someone else cannot vouch for its own code. $GPT2LAB_CACHE, else
+    $XDG_CACHE_HOME/gpt2lab, else ~/.cache/gpt2lab (as the HellaSwag download), then verifiers/."""
+    base = os.environ.get("GPT2LAB_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "gpt2lab"
+    return Path(base) / "verifiers"
+
+
+def verifier_sha256(spec: str) -> str:
+    """sha256 of the file a verifier spec names (a .py path, or a module's source found without importing it);
+    "" when there is none."""
+    where = spec.rpartition(":")[0]
+    path: str | None = where
+    if not where.endswith(".py"):  # find a module's file as import would, running none of its code
+        found, search = None, None
+        for part in where.split("."):
+            found = importlib.machinery.PathFinder.find_spec(part, search) if part else None
+            if found is None:
+                return ""
+            search = found.submodule_search_locations
+        path = found.origin if found is not None and found.has_location else None
+    try:
+        return hashlib.sha256(Path(path).read_bytes()).hexdigest() if path else ""
+    except OSError:
+        return ""
+
+
+def record_verifier(verifier: str) -> None:
+    """Record the file of the verifier a run starts with (its sha256), so a resume may import it again unchanged."""
+    digest = verifier_sha256(verifier) if verifier else ""
+    if not digest:
+        return
+    folder = trusted_verifiers()
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / f".{digest}.{os.getpid()}"  # every rank writes the same: replaced atomically
+    tmp.write_text(verifier + "\n")
+    os.replace(tmp, folder / digest)
+
+
+def check_resumed_verifier(verifier: str, named: bool, source: str) -> None:
+    """Refuse to import a resumed run's saved verifier (code from its config) unless the user names it again
+    (``named``) or a run of this user started with that file as it is now (its sha256 recorded)."""
+    if not verifier or named:
+        return
+    digest = verifier_sha256(verifier)
+    if digest and (trusted_verifiers() / digest).is_file():
+        return
+    why = "its file is not found" if not digest else "no run of yours started with that file as it is now"
+    raise Gpt2LabError(
+        f"{source}: the saved config names the verifier {verifier}, which a resume does not import unless you "
+        f"name it ({why}); if you trust that code, resume with --set rl.verifier={verifier}"
+    )
 
 
 class JsonlTask(Task):

@@ -62,6 +62,12 @@ class Job:
         return not self.chat and bool(self.body.echo)
 
     @property
+    def lists_end(self) -> bool:
+        """A completion's log-probs list the end token that stopped it, as OpenAI's and vLLM's do (lm-eval reads
+        the last entry as the generated token's): the engine passes it on, and the reply ends here at it."""
+        return not self.chat and self.top_logprobs is not None
+
+    @property
     def top_logprobs(self) -> int | None:
         """How many top tokens each token's log-probs list; None: no log-probs."""
         b = self.body
@@ -212,7 +218,7 @@ class Service:
             prompt = job.prompts[i // b.n]
             seqs.append(Sequence(
                 prompt, min(job.max_new_tokens, self.block_size - len(prompt)), partial(emit, i), temperature,
-                top_k, top_p, None if b.seed is None else b.seed + i, self.end_ids,
+                top_k, top_p, None if b.seed is None else b.seed + i, frozenset() if job.lists_end else self.end_ids,
                 presence_penalty=b.presence_penalty or 0.0, frequency_penalty=b.frequency_penalty or 0.0,
                 logit_bias=bias, top_logprobs=job.top_logprobs,
             ))  # fmt: skip
@@ -257,7 +263,11 @@ class Service:
                     continue
                 if i not in open_:
                     continue
-                if token is not None:
+                if token is not None and job.lists_end and token in self.end_ids:  # its log-prob, no text
+                    pushed[i] += 1
+                    seqs[i].cancelled = True
+                    piece = texts[i].flush("stop")
+                elif token is not None:
                     pushed[i] += 1
                     piece = texts[i].push(token)
                     if piece.finish_reason is None:

@@ -59,6 +59,10 @@ def evaluations(cfg: Config) -> list[Evaluation]:
 
 def train_stage(cfg: Config, run_dir: Path, resume: bool = False) -> Path | None:
     """Train (or resume) the run of cfg, with the objective and evaluations its config names."""
+    if cfg.rl.task and cfg.rl.verifier:  # what a resume may import again (gpt2lab.rl.tasks.check_resumed_verifier)
+        from gpt2lab.rl.tasks import record_verifier
+
+        record_verifier(cfg.rl.verifier)
     return train(cfg, run_dir, resume=resume, objective=objective(cfg), evaluations=evaluations(cfg))
 
 
@@ -77,7 +81,13 @@ def resolve_run(args: argparse.Namespace) -> tuple[Config, Path]:
         saved = ckpt.read_json(latest / ckpt.CONFIG_NAME).get(ckpt.TRAIN_STATE_KEY, {}).get("config")
         if not isinstance(saved, dict):
             raise Gpt2LabError(f"{latest}: no training config inside; give the CONFIG file too")
-        return build_config(saved, f"{latest / ckpt.CONFIG_NAME}", args.set), Path(args.resume)
+        cfg = build_config(saved, f"{latest / ckpt.CONFIG_NAME}", args.set)
+        if cfg.rl.task and cfg.rl.verifier:  # the saved config's verifier is code: imported only if trusted
+            from gpt2lab.rl.tasks import check_resumed_verifier
+
+            named = any(s.startswith("rl.verifier=") for s in args.set)
+            check_resumed_verifier(cfg.rl.verifier, named, str(latest / ckpt.CONFIG_NAME))
+        return cfg, Path(args.resume)
     if args.config:
         return load_config(args.config, args.set), Path(args.run_dir or Path("runs") / Path(args.config).stem)
     raise Gpt2LabError("give a CONFIG file (e.g. configs/shakespeare.toml) or --resume RUN_DIR")
