@@ -7,6 +7,12 @@ tokens each, the end token never sampled). Reported per C: aggregate tokens/s
 (completion tokens of all requests over the level's wall time), its ratio to one client (measured in the
 same run, so a shared machine's load hits all alike), and the time to first token (request sent to first
 content chunk received), p50 and p95 over the level's requests.
+
+``--long-request K`` measures instead what one huge request costs the others: K clients stream long replies
+from a tiny model, then one chat request as large as the default limits allow (256 messages, 128,000
+characters) is sent. Reported: the seconds the server took to build its job (checks, tokenisation, fitting the
+history) and to answer it, and the longest gap between consecutive tokens of the K streams before it, while its
+job was built, and over the whole request (which includes the engine's prefill of its prompt).
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing
+import random
 import statistics
 import threading
 import time
@@ -62,6 +69,86 @@ def _client(url: str, requests: int, max_tokens: int, seed: int, record: list) -
         record.append((first if first is not None else time.perf_counter() - start, tokens))
 
 
+def _tiny_model(device: str):
+    """A 2-layer chat-vocabulary model with a 4096-token context: its steps are fast, so gaps show the server."""
+    from gpt2lab.chat.base import CHAT_VOCAB_SIZE
+    from gpt2lab.model.config import GPTConfig
+    from gpt2lab.model.gpt import GPT
+
+    torch.manual_seed(0)
+    config = GPTConfig(block_size=4096, vocab_size=CHAT_VOCAB_SIZE, padded_vocab_size=50304, n_layer=2, n_head=2,
+                       n_embd=64)  # fmt: skip
+    return GPT(config).to(device).eval()
+
+
+def huge_chat(messages: int = 256, chars: int = 128_000) -> dict:
+    """A chat request of ``messages`` messages holding ``chars`` characters of words, ending with a user's."""
+    rng = random.Random(0)
+    words = ["the", "model", "reads", "a", "long", "history", "of", "turns", "and", "answers", "question", "42."]
+    history = []
+    for i in range(messages):
+        text = ""
+        while len(text) < chars // messages:
+            text += rng.choice(words) + " "
+        history.append(
+            {"role": "user" if (messages - 1 - i) % 2 == 0 else "assistant", "content": text[: chars // messages]}
+        )
+    return {"messages": history, "max_tokens": 1}
+
+
+def _stream_until(url: str, seed: int, max_tokens: int, stop: threading.Event, times: list) -> None:
+    """One streaming chat request read until ``stop`` is set: the arrival time of each content chunk."""
+    import httpx
+
+    body = {"messages": [{"role": "user", "content": f"Tell me a story, number {seed}."}], "max_tokens": max_tokens,
+            "temperature": 1.0, "top_k": 0, "seed": seed, "stream": True}  # fmt: skip
+    with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=600) as response:
+        if response.status_code != 200:
+            raise Gpt2LabError(f"the server answered {response.status_code}: {response.read().decode()}")
+        for line in response.iter_lines():
+            if line.startswith("data: {") and '"content"' in line:
+                times.append(time.perf_counter())
+            if stop.is_set():
+                return
+
+
+def _longest_gap(times: list[list[float]], start: float, end: float) -> float:
+    """The longest stretch of [start, end] in which a stream got no token (gaps between its tokens, cut to the
+    window: a stall is charged to the window it happens in, not to the next one)."""
+    return max(
+        (min(b, end) - max(a, start) for t in times for a, b in zip(t, t[1:]) if b > start and a < end), default=0.0
+    )
+
+
+def run_long_request(url: str, clients: int, max_tokens: int) -> dict:
+    """K streams, then the huge request once each stream has 20 tokens: when it was sent and answered, and when
+    each token of the streams came (time.perf_counter, one clock for all processes on Linux)."""
+    import httpx
+
+    stop, times = threading.Event(), [[] for _ in range(clients)]
+    threads = [
+        threading.Thread(target=_stream_until, args=(url, c, max_tokens, stop, times[c])) for c in range(clients)
+    ]
+    for t in threads:
+        t.start()
+    while min(len(t) for t in times) < 20 and any(t.is_alive() for t in threads):
+        time.sleep(0.01)
+    body = huge_chat()
+    start = time.perf_counter()
+    response = httpx.post(url + "/v1/chat/completions", json=body, timeout=600)
+    end = time.perf_counter()
+    time.sleep(0.2)  # the first gap after the answer belongs to it too
+    stop.set()
+    for t in threads:
+        t.join()
+    if response.status_code != 200:
+        raise Gpt2LabError(f"the big request got {response.status_code}: {response.text}")
+    if min(t[-1] for t in times) < end:
+        raise Gpt2LabError("a stream ended before the big request was answered (the model's context is too short)")
+    return {"clients": clients, "start": start, "end": end, "times": times,
+            "prompt_tokens": response.json()["usage"]["prompt_tokens"]}  # fmt: skip
+
+
 def run_level(url: str, clients: int, requests: int, max_tokens: int) -> dict:
     record: list = []
     threads = [threading.Thread(target=_client, args=(url, requests, max_tokens, c, record)) for c in range(clients)]
@@ -91,6 +178,8 @@ def bench_serve(args: argparse.Namespace) -> int:
     from gpt2lab.serve.service import Service
     from gpt2lab.tokenizer.bpe import get_tokenizer
 
+    if args.long_request is not None:
+        return bench_long_request(args)
     if min(args.clients) < 1 or args.requests < 1 or args.max_tokens < 1:
         raise Gpt2LabError("--clients, --requests and --max-tokens must be >= 1")
     if args.threads:
@@ -121,4 +210,58 @@ def bench_serve(args: argparse.Namespace) -> int:
               f"{r['ttft_p50'] * 1000:.0f} ms | {r['ttft_p95'] * 1000:.0f} ms | {r['peak']} |")  # fmt: skip
     if args.json:
         print(json.dumps(rows))
+    return 0
+
+
+def bench_long_request(args: argparse.Namespace) -> int:
+    """``--long-request K``: the longest stall one huge chat request causes K other streams."""
+    from gpt2lab.inference.engine import Engine
+    from gpt2lab.inference.generate import check_device
+    from gpt2lab.interop.tokenizer_match import model_tokenizer
+    from gpt2lab.runtime.dist import default_device
+    from gpt2lab.serve.app import create_app, serve_in_thread
+    from gpt2lab.serve.limits import ServeLimits
+    from gpt2lab.serve.service import Service
+    from gpt2lab.tokenizer.bpe import get_tokenizer
+
+    if args.long_request < 1:
+        raise Gpt2LabError("--long-request takes the number of streaming clients (>= 1)")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = check_device(args.device or default_device())
+    model = _model(args.model, device, args.dtype) if args.model else _tiny_model(device)
+    tokenizer = model_tokenizer(args.model) if args.model else get_tokenizer()
+    service = Service(Engine(model, max_batch=args.max_batch), tokenizer, True, ServeLimits(), "bench")
+    service.end_ids = frozenset()  # never end early: the streams last until the test stops them
+    prepared, build = [], service.chat_job
+
+    def timed_chat_job(body):  # the big request's job building, timed wherever the app runs it
+        start = time.perf_counter()
+        job = build(body)
+        if len(body.messages) > 1:
+            prepared.append((start, time.perf_counter()))
+        return job
+
+    service.chat_job = timed_chat_job
+    max_tokens = model.config.block_size - 64
+    print(f"bench serve --long-request: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters on "
+          f"{device}, torch {torch.__version__}, {torch.get_num_threads()} threads, {args.long_request} streams",
+          flush=True)  # fmt: skip
+    with serve_in_thread(create_app(service)) as url, multiprocessing.get_context("spawn").Pool(1) as clients_process:
+        clients_process.apply(run_level, (url, 1, 1, 4))  # warm-up
+        row = clients_process.apply(run_long_request, (url, args.long_request, max_tokens))
+    (built, ready), times, start, end = prepared[-1], row["times"], row["start"], row["end"]
+    row = {"clients": row["clients"], "prompt_tokens": row["prompt_tokens"], "build_s": ready - built,
+           "answer_s": end - start, "gap_before": _longest_gap(times, min(t[0] for t in times), start),
+           "gap_building": _longest_gap(times, built, ready),
+           "gap_answering": _longest_gap(times, start, end)}  # fmt: skip
+    print(
+        "\n| streams | big prompt | job built in | answered in | longest gap: before | while built | while answered |"
+    )
+    print("|---:|---:|---:|---:|---:|---:|---:|")
+    ms = {k: f"{v * 1000:.0f} ms" for k, v in row.items() if k.endswith("_s") or k.startswith("gap")}
+    print(f"| {row['clients']} | {row['prompt_tokens']} tokens | {ms['build_s']} | {ms['answer_s']} | "
+          f"{ms['gap_before']} | {ms['gap_building']} | {ms['gap_answering']} |")  # fmt: skip
+    if args.json:
+        print(json.dumps(row))
     return 0

@@ -138,14 +138,45 @@ def fit_history(
     A turn is dropped whole (a user message and the replies after it), so the history stays a conversation;
     the last user message is never dropped: if it alone is too long, the error says so.
     """
+    if render is render_prompt:  # the chat format: each message tokenised once (see _fit_chat)
+        return _fit_chat(messages, tokenizer, budget)
     system = messages[:1] if messages and messages[0]["role"] == "system" else []
     rest, dropped = list(messages[len(system) :]), 0
     while len(render(system + rest, tokenizer)) > budget:
         starts = [i for i, m in enumerate(rest) if m["role"] == "user" and i > 0]
         if not starts:
-            raise Gpt2LabError(
-                f"the last message alone does not fit the model's context ({budget} tokens for the prompt)"
-            )
+            raise _no_fit(budget)
         dropped += starts[0]
         rest = rest[starts[0] :]
     return system + rest, dropped
+
+
+def _no_fit(budget: int) -> Gpt2LabError:
+    return Gpt2LabError(f"the last message alone does not fit the model's context ({budget} tokens for the prompt)")
+
+
+def _message_tokens(m: dict, tokenizer) -> int:
+    """How many ids ``render`` gives message ``m``: its start and end tokens, its content, its reasoning if any."""
+    n = 2 + len(tokenizer.encode_ordinary(m["content"]))
+    if m.get("reasoning_content") is not None:
+        n += 2 + len(tokenizer.encode_ordinary(m["reasoning_content"]))
+    return n
+
+
+def _fit_chat(messages: list[dict], tokenizer, budget: int) -> tuple[list[dict], int]:
+    """``fit_history`` for ``render_prompt`` in one pass: its ids are <|endoftext|>, each message's own ids (special
+    tokens around plain-text contents, so no merge crosses a message) and <|assistant_start|>, so a history's
+    length is 2 plus the sum of its messages' lengths, and re-rendering after each dropped turn is not needed."""
+    check_conversation(messages, generation=True)
+    system = messages[:1] if messages[0]["role"] == "system" else []
+    rest = messages[len(system) :]
+    sizes = [_message_tokens(m, tokenizer) for m in rest]
+    total = 2 + sum(_message_tokens(m, tokenizer) for m in system) + sum(sizes)
+    start = 0
+    while total > budget:
+        nxt = next((i for i in range(start + 1, len(rest)) if rest[i]["role"] == "user"), None)
+        if nxt is None:
+            raise _no_fit(budget)
+        total -= sum(sizes[start:nxt])
+        start = nxt
+    return system + list(rest[start:]), start

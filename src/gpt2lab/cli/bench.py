@@ -46,6 +46,9 @@ def add_bench_serve(bsub) -> None:
     p.add_argument("--dtype", default=None, choices=DTYPES, help="weights' dtype (default: as stored)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
     p.add_argument("--json", action="store_true", help="also print the rows as JSON")
+    p.add_argument("--long-request", type=int, default=None, metavar="K",
+                   help="instead: K streams of a tiny model (unless --model), then one 256-message/128,000-character "
+                        "chat request; report the longest gap in the streams' tokens meanwhile")  # fmt: skip
     p.set_defaults(func=run_bench_serve)
 
 

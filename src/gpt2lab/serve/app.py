@@ -10,6 +10,7 @@ max_tokens that cannot fit the context, a body over the size limit (413), a full
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hmac
 import logging
@@ -113,11 +114,12 @@ def create_app(
 
     @app.post("/v1/chat/completions", dependencies=auth)
     async def chat_completions(body: ChatRequest, request: Request):
-        return await respond(service, service.chat_job(body), request, chat=True)
+        # building the job tokenises up to max_total_chars: in a thread, so other streams go on meanwhile
+        return await respond(service, await asyncio.to_thread(service.chat_job, body), request, chat=True)
 
     @app.post("/v1/completions", dependencies=auth)
     async def completions(body: CompletionRequest, request: Request):
-        return await respond(service, service.completion_job(body), request, chat=False)
+        return await respond(service, await asyncio.to_thread(service.completion_job, body), request, chat=False)
 
     def card() -> dict:
         return {"id": service.name, "object": "model", "created": 0, "owned_by": "gpt2lab",
