@@ -19,8 +19,9 @@ import json
 from pathlib import Path
 
 from gpt2lab.chat.template import CHAT_TEMPLATE
+from gpt2lab.data.shards import write_json
 from gpt2lab.errors import Gpt2LabError
-from gpt2lab.interop.hf import generation_config, write_json
+from gpt2lab.interop.hf import generation_config
 from gpt2lab.tokenizer.bpe import EOT_ID, EOT_TOKEN, SPECIAL_IDS, SPECIAL_TOKENS, TOKENIZER_JSON, TrainedTokenizer
 
 

@@ -10,7 +10,8 @@ import argparse
 import datetime
 import importlib
 
-from gpt2lab.eval.common import format_table, write_json
+from gpt2lab.data.shards import write_json
+from gpt2lab.eval.common import format_table
 from gpt2lab.runtime.dist import DistInfo, destroy_distributed, init_distributed, print0
 from gpt2lab.tokenizer.bpe import Tokenizer
 

@@ -15,7 +15,6 @@ masks afterwards; the numbers are the same, the work is less.
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -179,12 +178,3 @@ def format_table(title: str, rows: Sequence[tuple[str, object]]) -> str:
     rule = "-" * (w0 + w1 + 3)
     lines = [title, rule] + [f"{k:<{w0}}   {v:>{w1}}" for k, v in cells] + [rule]
     return "\n".join(lines)
-
-
-def write_json(path: str | Path, data: dict) -> None:
-    """Write data as indented JSON; through a temp file, so a crash never leaves half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    tmp.replace(path)

@@ -34,8 +34,9 @@ import torch
 from tqdm import tqdm
 
 from gpt2lab.chat.template import PLAIN_STOP, render_plain_prompt, render_prompt, split_reply
+from gpt2lab.data.shards import write_json
 from gpt2lab.errors import Gpt2LabError
-from gpt2lab.eval.common import all_reduce_sum, format_table, raw_model, write_json
+from gpt2lab.eval.common import all_reduce_sum, format_table, raw_model
 from gpt2lab.inference.generate import check_sampling_args, generate, generate_ids
 from gpt2lab.runtime.dist import destroy_distributed, init_distributed, print0
 

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from gpt2lab.checkpoint.folder import check_and_load, empty_model, load_state_dict, read_json, save_tensors
+from gpt2lab.data.shards import write_json
 from gpt2lab.errors import Gpt2LabError
 from gpt2lab.interop import deepseek as hf_deepseek
 from gpt2lab.interop import llama as hf_llama
@@ -256,10 +257,6 @@ def generation_config(eot: int, eos: list[int]) -> dict:
     padding_idx, whose row then gets no gradient in fine-tuning, and <|endoftext|> is a token the model must learn.
     """
     return {"bos_token_id": eot, "eos_token_id": eos[0] if len(eos) == 1 else eos, "pad_token_id": eot}
-
-
-def write_json(path: Path, data: dict) -> None:
-    path.write_text(json.dumps(data, indent=2) + "\n")
 
 
 def gpt2_tokenizer_json(encoder: str | Path, vocab: str | Path) -> str:

@@ -11,10 +11,10 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import shlex
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from gpt2lab.config import read_toml
 from gpt2lab.errors import Gpt2LabError
 
 
@@ -105,12 +105,7 @@ def _section(cls: type, table: object, where: str) -> object:
 def read_plan(path: str | Path) -> Plan:
     """A plan from TOML; every problem is one error before any stage runs."""
     path = Path(path)
-    if not path.is_file():
-        raise Gpt2LabError(f"{path}: no such plan (the plans are configs/speedrun/*.toml: run from the repo root)")
-    try:
-        values = tomllib.loads(path.read_text())
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-        raise Gpt2LabError(f"{path}: not valid TOML ({e})") from None
+    values = read_toml(path, " (no such plan: the plans are configs/speedrun/*.toml, run from the repo root)")
     sections = {f.name: f.default_factory().__class__ for f in dataclasses.fields(Plan)}
     for name in values:
         if name not in sections:

@@ -9,11 +9,12 @@ from __future__ import annotations
 import json
 import os
 import platform
-import subprocess
 from pathlib import Path
 
 from gpt2lab import __version__
 from gpt2lab.speedrun.plan import Plan, Stage
+from gpt2lab.train.run import git_commit
+from gpt2lab.train.runlog import read_records
 
 NOT_YET = "—"
 
@@ -24,12 +25,8 @@ def _json(path: Path) -> dict:
 
 def last_val_loss(run_dir: Path) -> float | None:
     """The last val loss a run logged (metrics.jsonl), if any."""
-    path, value = run_dir / "metrics.jsonl", None
-    if path.is_file():
-        for line in path.read_text().splitlines():
-            record = json.loads(line)
-            value = record.get("val_loss", value)
-    return value
+    losses = [r["val_loss"] for r in read_records(run_dir / "metrics.jsonl") if "val_loss" in r]
+    return losses[-1] if losses else None
 
 
 def _pct(value: float | None) -> str:
@@ -81,12 +78,8 @@ def machine() -> str:
 
 
 def _commit() -> str:
-    try:
-        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,
-                             cwd=Path(__file__).parent).stdout.strip()  # fmt: skip
-    except (OSError, subprocess.SubprocessError):
-        return ""
-    return f" (commit {sha})" if sha else ""
+    sha = git_commit()
+    return f" (commit {sha[:7]})" if sha else ""
 
 
 def log_text(out: Path, stage: str) -> str:

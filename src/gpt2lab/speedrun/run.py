@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 from gpt2lab.checkpoint.folder import find_latest
+from gpt2lab.data.shards import write_json
 from gpt2lab.errors import Gpt2LabError
 from gpt2lab.speedrun.plan import Plan, Stage, read_plan, stages
 from gpt2lab.speedrun.report import write_report
@@ -47,9 +48,7 @@ def _first_difference(old: dict, new: dict) -> str:
 
 
 def save_state(out: Path, state: dict) -> None:
-    tmp = out / (STATE + ".tmp")
-    tmp.write_text(json.dumps(state, indent=2) + "\n")
-    os.replace(tmp, out / STATE)  # atomic: a crash leaves the old state or the new, never half of one
+    write_json(out / STATE, state)  # atomic: a crash leaves the old state or the new, never half of one
 
 
 def _now() -> str:
