@@ -6,9 +6,11 @@ import json
 import math
 import shutil
 
+import pytest
 import torch
 
 from gpt2lab.chat.base import CHAT_VOCAB_SIZE
+from gpt2lab.chat.template import render_prompt
 from gpt2lab.checkpoint import folder as ckpt
 from gpt2lab.checkpoint.folder import TRAIN_STATE_KEY, save_model
 from gpt2lab.cli.main import main
@@ -219,3 +221,45 @@ def test_an_optim_key_the_rl_schedule_replaces_is_refused_naming_the_rl_key(tmp_
                               set=["rl.lr=3e-3", "optim.beta2=0.99"])  # fmt: skip
     cfg = rl_config(args)
     assert (cfg.optim.lr, cfg.optim.beta2, cfg.optim.min_lr_ratio) == (3e-3, 0.99, 1.0)
+
+
+def test_a_rollout_counts_the_tokens_it_computed_and_the_step_its_trained_positions(tmp_path, tokenizer):
+    """Rollout tokens/s counts each group's prompt once plus every sampled token; the step's tokens/s counts the
+    positions its micro-batches trained (rows x padded length, not prompts x G x block_size), over the step's time
+    less its rollout's."""
+    from gpt2lab.rl.objective import RLObjective
+    from gpt2lab.rl.rollout import RLConfig, RolloutLoader
+
+    task, verifier = _vowel_task(tmp_path)
+    model = _peaky_policy()
+    rl = RLConfig(model="-", task=task, verifier=verifier, group_size=4, prompts_per_step=3, max_new_tokens=5)
+    objective = RLObjective(rl)
+    objective.loader = loader = RolloutLoader(model, tokenizer, rl, micro_batch=6, rank=0, world_size=1, seed=0)
+    batches = [loader.next_batch() for _ in range(loader.per_rollout)]
+    for batch in batches:
+        objective.loss(model, batch, batch[1])
+    stats = objective.stats()
+    prompts = sum(len(render_prompt(loader._problem(j).messages, tokenizer)) for j in range(3))
+    sampled = sum(int((y != -1).sum()) for _, y, _, _ in batches)  # every sampled token is trained here
+    assert stats["rollout_tokens"] == prompts + sampled
+    assert stats["rollout_tokens_per_s"] == pytest.approx(stats["rollout_tokens"] / loader.rollout_seconds)
+    tokens, seconds = objective.step_tokens(3 * 4 * model.config.block_size, loader.rollout_seconds + 2.0)
+    assert tokens == sum(x.numel() for x, _, _, _ in batches) < 3 * 4 * model.config.block_size
+    assert seconds == pytest.approx(2.0)
+
+
+def test_tokens_a_tool_forced_are_never_trained(tmp_path, tokenizer):
+    """A rollout row's targets are -1 on the tokens the engine forced (the calculator's output)."""
+    from gpt2lab.rl.rollout import RLConfig, RolloutLoader
+
+    task, verifier = _vowel_task(tmp_path)
+    rl = RLConfig(model="-", task=task, verifier=verifier, group_size=2, prompts_per_step=1, max_new_tokens=6)
+    loader = RolloutLoader(_peaky_policy(), tokenizer, rl, micro_batch=2, rank=0, world_size=1, seed=0)
+    loader.tool = lambda tokens: [7, 8] if len(tokens) == 1 else []  # after the first sampled token, force two
+    x, y, _, _ = loader.next_batch()
+    prompt = len(render_prompt(loader._problem(0).messages, tokenizer))
+    for row in range(2):
+        start = prompt - 1  # the first completion position: its first token was sampled, so trained
+        assert y[row, start] != -1 and x[row, start + 2 : start + 4].tolist() == [7, 8]  # fed to the model
+        assert y[row, start + 1 : start + 3].tolist() == [-1, -1]  # never its targets
+        assert (y[row, start + 3 :] != -1).sum() == (x[row, start + 3 :] != tokenizer.eot).sum()  # the rest trained

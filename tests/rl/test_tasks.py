@@ -94,7 +94,7 @@ def test_gsm8k_messages_thinking_and_calculator():
     assert keep["content"] == record["answer"] and "reasoning_content" not in keep
     assert "<<9*2=18>>" not in gsm8k_messages(record)[1]["content"]
     with pytest.raises(Gpt2LabError, match="calculator"):
-        gsm8k_messages(record, calculator="tool")
+        gsm8k_messages(record, calculator="python")
 
 
 def test_gsm8k_without_data_is_one_clear_error(tmp_path, monkeypatch):

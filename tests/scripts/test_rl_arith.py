@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import tomllib
 
 from tests.scripts.conftest import load_script
 
@@ -19,6 +20,8 @@ def test_the_rl_arith_pipeline_runs_at_toy_size(tmp_path):
     assert sum("reasoning_content" in c["messages"][-1] for c in conversations) == 32
     assert (out / "tokenizer" / "tokenizer.json").is_file() and (out / "rl" / "curves.png").is_file()
     assert json.loads((out / "summary.json").read_text()) == summary
+    rl = tomllib.loads((out / "rl" / "config.toml").read_text())["rl"]
+    assert (rl["digits"], rl["ops"], rl["max_new_tokens"]) == (2, "+", 96)  # the defaults: 2-digit sums, as before
     for stage in ("after_sft", "after_rl"):
         assert (4 * summary[stage]["greedy"]).is_integer() and 0 <= summary[stage]["sampled"] <= 1
     assert "| after rl |" in script.table(summary)

@@ -18,12 +18,10 @@ from gpt2lab.chat.template import render_plain_prompt, render_prompt
 from gpt2lab.errors import Gpt2LabError
 from gpt2lab.inference.engine import Engine, Sequence
 from gpt2lab.inference.generate import generate_ids
-from gpt2lab.inference.kv_cache import BatchKVCache, KVCache
 from gpt2lab.model.config import GPTConfig
 from gpt2lab.serve.limits import ServeLimits
 from gpt2lab.serve.reply import StopText
 from gpt2lab.serve.server import check_binding
-from tests.conftest import assert_close_f32
 from tests.serve.conftest import serving, tiny_chat_model
 
 BLOCK = 64
@@ -323,38 +321,6 @@ def test_32_concurrent_clients_each_get_their_own_reply(server, model, tokenizer
     assert server.engine.cache.k.numel() * 2 == cache_bytes
 
 
-def test_the_batch_cache_decodes_rows_at_different_positions_as_each_alone(tokenizer):
-    """Rows entering at different times and leaving (the last moves into the hole): every row's logits equal
-    its sequence's logits decoded alone, for GPT-2, RoPE + GQA and MLA attention."""
-    for switches in ({}, {"pos_embedding": "rope", "n_kv_head": 1, "norm": "rmsnorm"}, {"attention": "mla",
-                     "pos_embedding": "rope"}):  # fmt: skip
-        torch.manual_seed(0)
-        config = GPTConfig(block_size=32, vocab_size=97, padded_vocab_size=128, n_layer=2, n_head=2, n_embd=32,
-                           **switches)  # fmt: skip
-        from gpt2lab.model.gpt import GPT
-
-        model = GPT(config).eval()
-        prompts = [[1, 2, 3], [5, 6, 7, 8, 9, 10, 11], [4]]
-        batch = BatchKVCache(config, 3, 32)
-        with torch.no_grad():
-            for slot, p in enumerate(prompts):
-                alone = KVCache(config, 1, 32)
-                model.forward_hidden(torch.tensor([p]), alone)
-                batch.load(slot, alone)
-            batch.rows = 3
-            seqs = [list(p) for p in prompts]
-            for step in range(6):
-                if step == 3:  # row 0 leaves: row 2 moves into slot 0
-                    batch.move(2, 0)
-                    seqs = [seqs[2], seqs[1]]
-                    batch.rows = 2
-                feed = [(11 * step + 5 * row) % 97 for row in range(len(seqs))]
-                hidden = model.forward_hidden(torch.tensor(feed)[:, None], batch)[:, -1]
-                for row, s in enumerate(seqs):
-                    s.append(feed[row])
-                    assert_close_f32(hidden[row], model.forward_hidden(torch.tensor([s]))[0, -1], msg=str(switches))
-
-
 def test_the_engine_finishes_a_sequence_at_the_end_token_and_at_the_context(model, tokenizer):
     end = tokenizer.special_id("<|assistant_end|>")
     events: list = []
@@ -538,3 +504,27 @@ def test_the_served_model_id_is_the_run_name(spec, given, name):
     from gpt2lab.serve.server import served_name
 
     assert served_name(spec, given) == name
+
+
+def test_a_chat_models_calculator_calls_are_answered_and_shown_as_text(model, tokenizer):
+    """A chat model's sequences carry the calculator, its call tokens never end a reply, and a call the model
+    writes reads <<2+3=5>> in the reply's text, the answer forced by the engine's tool."""
+    from gpt2lab.chat.template import call_marks
+    from gpt2lab.serve.reply import ReplyText
+    from gpt2lab.serve.schemas import ChatRequest
+    from gpt2lab.serve.service import Service
+
+    service = Service(Engine(model, max_batch=1), tokenizer, True, ServeLimits(), "gpt2lab")
+    assert set(call_marks(tokenizer)) and not service.end_ids & set(call_marks(tokenizer))
+    job = service.chat_job(ChatRequest(messages=user("what is 2+3?"), max_tokens=20))
+    seq = service.sequences(job, lambda *_: None)[0]
+    call = [tokenizer.special_id("<|tool_start|>"), *tokenizer.encode_ordinary("2+3"),
+            tokenizer.special_id("<|tool_end|>")]  # fmt: skip
+    forced = seq.tool(call)
+    assert forced[0] == tokenizer.special_id("<|output_start|>") and tokenizer.decode(forced[1:-1]) == "5"
+    text = ReplyText(tokenizer, (), service.think_ids, service.marks)
+    shown = "".join(text.push(t).text for t in [*tokenizer.encode_ordinary("So "), *call, *forced])
+    shown += text.flush("stop").text
+    assert shown == "So <<2+3=5>>"
+    base = Service(Engine(model, max_batch=1), tokenizer, False, ServeLimits(), "gpt2lab")
+    assert base.calculator is None and not base.marks  # a base model never saw the call tokens

@@ -194,6 +194,15 @@ def test_reply_is_text_never_html_and_thinking_shows_apart(page):
     assert thinking.locator(".thought").is_visible()
 
 
+def test_a_calculator_call_shows_as_its_own_span_of_text(page):
+    """<<48/2=24>> (a call the engine answered) is marked, even split over chunks; the text around stays text."""
+    body = sse({"content": "Half is <<48/"}, {"content": "2=24>>24, and <<1/0=error>>."})
+    page.route(COMPLETIONS, lambda route: route.fulfill(status=200, content_type="text/event-stream", body=body))
+    bubble = send(page, "halve 48")
+    assert finished(bubble) == "Half is <<48/2=24>>24, and <<1/0=error>>."
+    assert bubble.locator(".call").all_text_contents() == ["<<48/2=24>>", "<<1/0=error>>"]
+
+
 def test_server_and_network_errors_show_in_the_page(page):
     def error(n: int) -> str:
         page.locator(".error").nth(n).wait_for()

@@ -44,17 +44,23 @@ def _model(spec: str | None, device: str, dtype: str | None):
     return GPT(GPTConfig(vocab_size=CHAT_VOCAB_SIZE)).to(device).eval()
 
 
-def _client(url: str, requests: int, max_tokens: int, seed: int, record: list) -> None:
-    """Send streaming chat requests one after another; record (ttft, tokens) of each."""
+SYSTEM = "You are a patient teacher. " * 60  # a long system prompt (~360 tokens) every conversation repeats
+
+
+def _client(url: str, requests: int, max_tokens: int, seed: int, record: list, turns: bool = False) -> None:
+    """Send streaming chat requests one after another; record (ttft, tokens) of each. ``turns``: the requests
+    are the turns of one conversation under ``SYSTEM``, each sending the history with the replies so far."""
     import httpx
 
+    history = [{"role": "system", "content": SYSTEM}] if turns else []
     for r in range(requests):
+        history = history if turns else []
+        history.append({"role": "user", "content": f"Tell me a story, number {seed}-{r}."})
         body = {
-            "messages": [{"role": "user", "content": f"Tell me a story, number {seed}-{r}."}],
-            "max_tokens": max_tokens, "temperature": 1.0, "top_k": 0, "seed": seed * 1000 + r, "stream": True,
-            "stream_options": {"include_usage": True},
+            "messages": history, "max_tokens": max_tokens, "temperature": 1.0, "top_k": 0, "seed": seed * 1000 + r,
+            "stream": True, "stream_options": {"include_usage": True},
         }  # fmt: skip
-        start, first, tokens = time.perf_counter(), None, 0
+        start, first, tokens, reply = time.perf_counter(), None, 0, ""
         with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=600) as response:
             if response.status_code != 200:
                 raise Gpt2LabError(f"the server answered {response.status_code}: {response.read().decode()}")
@@ -62,10 +68,12 @@ def _client(url: str, requests: int, max_tokens: int, seed: int, record: list) -
                 if not line.startswith("data: {"):
                     continue
                 chunk = json.loads(line[6:])
-                if first is None and chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
-                    first = time.perf_counter() - start
+                if chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
+                    first = first or time.perf_counter() - start
+                    reply += chunk["choices"][0]["delta"]["content"]
                 if chunk.get("usage"):
                     tokens = chunk["usage"]["completion_tokens"]
+        history.append({"role": "assistant", "content": reply})
         record.append((first if first is not None else time.perf_counter() - start, tokens))
 
 
@@ -120,9 +128,16 @@ def _longest_gap(times: list[list[float]], start: float, end: float) -> float:
     )
 
 
-def run_long_request(url: str, clients: int, max_tokens: int) -> dict:
-    """K streams, then the huge request once each stream has 20 tokens: when it was sent and answered, and when
-    each token of the streams came (time.perf_counter, one clock for all processes on Linux)."""
+def long_prompt(tokens: int) -> dict:
+    """A one-message chat request of about ``tokens`` tokens (a word of GPT-2's vocabulary each), answered in 1."""
+    words = " ".join(["model"] * (tokens - 8))  # the chat template adds a few
+    return {"messages": [{"role": "user", "content": words}], "max_tokens": 1}
+
+
+def run_long_request(url: str, clients: int, max_tokens: int, body: dict | None = None) -> dict:
+    """K streams, then the big request (default ``huge_chat``) once each stream has 20 tokens: when it was sent
+    and answered, and when each token of the streams came (time.perf_counter, one clock for all processes on
+    Linux)."""
     import httpx
 
     stop, times = threading.Event(), [[] for _ in range(clients)]
@@ -133,7 +148,7 @@ def run_long_request(url: str, clients: int, max_tokens: int) -> dict:
         t.start()
     while min(len(t) for t in times) < 20 and any(t.is_alive() for t in threads):
         time.sleep(0.01)
-    body = huge_chat()
+    body = body or huge_chat()
     start = time.perf_counter()
     response = httpx.post(url + "/v1/chat/completions", json=body, timeout=600)
     end = time.perf_counter()
@@ -149,9 +164,11 @@ def run_long_request(url: str, clients: int, max_tokens: int) -> dict:
             "prompt_tokens": response.json()["usage"]["prompt_tokens"]}  # fmt: skip
 
 
-def run_level(url: str, clients: int, requests: int, max_tokens: int) -> dict:
+def run_level(url: str, clients: int, requests: int, max_tokens: int, turns: bool = False) -> dict:
     record: list = []
-    threads = [threading.Thread(target=_client, args=(url, requests, max_tokens, c, record)) for c in range(clients)]
+    threads = [
+        threading.Thread(target=_client, args=(url, requests, max_tokens, c, record, turns)) for c in range(clients)
+    ]
     start = time.perf_counter()
     for t in threads:
         t.start()
@@ -180,6 +197,8 @@ def bench_serve(args: argparse.Namespace) -> int:
 
     if args.long_request is not None:
         return bench_long_request(args)
+    if args.turns:
+        return bench_turns(args)
     if min(args.clients) < 1 or args.requests < 1 or args.max_tokens < 1:
         raise Gpt2LabError("--clients, --requests and --max-tokens must be >= 1")
     if args.threads:
@@ -187,9 +206,9 @@ def bench_serve(args: argparse.Namespace) -> int:
     device = check_device(args.device or default_device())
     model = _model(args.model, device, args.dtype)
     tokenizer = model_tokenizer(args.model) if args.model else get_tokenizer()
-    engine = Engine(model, max_batch=args.max_batch, max_queue=max(args.clients) * 2)
+    engine = Engine(model, max_batch=args.max_batch, max_queue=max(args.clients) * 2, prefill_chunk=args.prefill_chunk)
     service = Service(engine, tokenizer, True, ServeLimits(), "bench")
-    service.end_ids = frozenset()  # never end early: every request makes max_tokens tokens
+    service.end_ids, service.calculator = frozenset(), None  # every request makes max_tokens tokens of the model's
     print(f"bench serve: {sum(p.numel() for p in model.parameters()) / 1e6:.0f}M parameters on {device}, "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads, max batch {args.max_batch}, "
           f"{args.requests} requests x {args.max_tokens} tokens per client", flush=True)  # fmt: skip
@@ -229,10 +248,12 @@ def bench_long_request(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = check_device(args.device or default_device())
-    model = _model(args.model, device, args.dtype) if args.model else _tiny_model(device)
+    big = long_prompt(args.long_prompt) if args.long_prompt else None  # else the huge chat
+    model = _model(args.model, device, args.dtype) if args.model or big else _tiny_model(device)
     tokenizer = model_tokenizer(args.model) if args.model else get_tokenizer()
-    service = Service(Engine(model, max_batch=args.max_batch), tokenizer, True, ServeLimits(), "bench")
-    service.end_ids = frozenset()  # never end early: the streams last until the test stops them
+    engine = Engine(model, max_batch=args.max_batch, prefill_chunk=args.prefill_chunk)
+    service = Service(engine, tokenizer, True, ServeLimits(), "bench")
+    service.end_ids, service.calculator = frozenset(), None  # the streams last until the test stops them
     prepared, build = [], service.chat_job
 
     def timed_chat_job(body):  # the big request's job building, timed wherever the app runs it
@@ -249,7 +270,9 @@ def bench_long_request(args: argparse.Namespace) -> int:
           flush=True)  # fmt: skip
     with serve_in_thread(create_app(service)) as url, multiprocessing.get_context("spawn").Pool(1) as clients_process:
         clients_process.apply(run_level, (url, 1, 1, 4))  # warm-up
-        row = clients_process.apply(run_long_request, (url, args.long_request, max_tokens))
+        row = clients_process.apply(run_long_request, (url, args.long_request, max_tokens, big))
+    if big:
+        return _report_long_prompt(args, engine, row)
     (built, ready), times, start, end = prepared[-1], row["times"], row["start"], row["end"]
     row = {"clients": row["clients"], "prompt_tokens": row["prompt_tokens"], "build_s": ready - built,
            "answer_s": end - start, "gap_before": _longest_gap(times, min(t[0] for t in times), start),
@@ -264,4 +287,84 @@ def bench_long_request(args: argparse.Namespace) -> int:
           f"{ms['gap_before']} | {ms['gap_building']} | {ms['gap_answering']} |")  # fmt: skip
     if args.json:
         print(json.dumps(row))
+    return 0
+
+
+def _chunk_seconds(engine, tokens: int) -> float:
+    """The engine's time for one prefill forward of ``tokens`` prompt tokens (the best of 3)."""
+    from gpt2lab.inference.engine import Sequence
+
+    best = float("inf")
+    engine.prefix_cache, engine.cached = False, {}  # each run prefills the whole chunk
+    tokens = min(tokens, engine.block_size - 1)  # a prompt leaves room for its token
+    for _ in range(3):
+        seq = Sequence(list(range(100, 100 + tokens)), 1, lambda token, reason: None, temperature=0)
+        engine.prefill_chunk, start = tokens, time.perf_counter()
+        engine.run([seq])  # one prefill forward, and the token from its logits
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def _report_long_prompt(args: argparse.Namespace, engine, row: dict) -> int:
+    """``--long-prompt N``: how long the streams waited while the N-token prompt was prefilled, against one
+    decoding step (their median gap before) and one prefill chunk (measured after, the server stopped)."""
+    times, start, end = row["times"], row["start"], row["end"]
+    before = sorted(b - a for t in times for a, b in zip(t, t[1:]) if b < start)
+    step = before[len(before) // 2]
+    chunk = _chunk_seconds(engine, args.prefill_chunk)
+    out = {"clients": row["clients"], "prompt_tokens": row["prompt_tokens"], "prefill_chunk": args.prefill_chunk,
+           "answer_s": end - start, "step_s": step, "chunk_s": chunk,
+           "gap_answering": _longest_gap(times, start, end)}  # fmt: skip
+    print("\n| streams | prompt | chunk | answered in | a step (median gap before) | one chunk's prefill | "
+          "longest gap while answered |")  # fmt: skip
+    print("|---:|---:|---:|---:|---:|---:|---:|")
+    ms = {k: f"{out[k] * 1000:.0f} ms" for k in ("answer_s", "step_s", "chunk_s", "gap_answering")}
+    print(f"| {out['clients']} | {out['prompt_tokens']} tokens | {args.prefill_chunk} | {ms['answer_s']} | "
+          f"{ms['step_s']} | {ms['chunk_s']} | {ms['gap_answering']} |")  # fmt: skip
+    if args.json:
+        print(json.dumps(out))
+    return 0
+
+
+def bench_turns(args: argparse.Namespace) -> int:
+    """``--turns T``: C clients each hold a T-turn conversation under a long system prompt, served with the
+    engine's prefix cache and without, one after the other on fresh servers: what the cache buys."""
+    from gpt2lab.inference.engine import Engine
+    from gpt2lab.inference.generate import check_device
+    from gpt2lab.interop.tokenizer_match import model_tokenizer
+    from gpt2lab.runtime.dist import default_device
+    from gpt2lab.serve.app import create_app, serve_in_thread
+    from gpt2lab.serve.limits import ServeLimits
+    from gpt2lab.serve.service import Service
+    from gpt2lab.tokenizer.bpe import get_tokenizer
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = check_device(args.device or default_device())
+    model = _model(args.model, device, args.dtype)
+    tokenizer = model_tokenizer(args.model) if args.model else get_tokenizer()
+    clients = max(args.clients)
+    print(f"bench serve --turns {args.turns}: {clients} conversations of {args.turns} turns x {args.max_tokens} "
+          f"tokens, torch {torch.__version__}, {torch.get_num_threads()} threads", flush=True)  # fmt: skip
+    rows = []
+    for cache in (True, False):
+        engine = Engine(model, max_batch=args.max_batch, prefill_chunk=args.prefill_chunk, prefix_cache=cache)
+        service = Service(engine, tokenizer, True, ServeLimits(), "bench")
+        service.end_ids, service.calculator = frozenset(), None
+        with serve_in_thread(create_app(service)) as url, multiprocessing.get_context("spawn").Pool(1) as pool:
+            pool.apply(run_level, (url, 1, 1, 4))  # warm-up
+            before = engine.prompt_tokens, engine.cached_tokens
+            row = pool.apply(run_level, (url, clients, args.turns, args.max_tokens, True))
+        row |= {"prefix_cache": cache, "prefilled": engine.prompt_tokens - before[0],
+                "cached": engine.cached_tokens - before[1]}  # fmt: skip
+        rows.append(row)
+    print("\n| prefix cache | conversations x turns | prompt tokens prefilled | found in the cache | tok/s | "
+          "TTFT p50 | TTFT p95 |")  # fmt: skip
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        ttft = f"{r['ttft_p50'] * 1000:.0f} ms | {r['ttft_p95'] * 1000:.0f} ms"
+        print(f"| {'on' if r['prefix_cache'] else 'off'} | {clients} x {args.turns} | {r['prefilled']:,} | "
+              f"{r['cached']:,} | {r['tok_s']:.1f} | {ttft} |")  # fmt: skip
+    if args.json:
+        print(json.dumps(rows))
     return 0

@@ -1,10 +1,11 @@
 """`gpt2lab chat`: a multi-turn conversation in the terminal, streamed token by token.
 
 Each turn renders the whole history with ``gpt2lab.chat.template`` (the format SFT trained) and decodes with
-``gpt2lab.inference.generate`` until <|assistant_end|>. When the history no longer fits the context (the prompt plus
-room for a reply), the oldest turns are dropped, the system message kept, and a notice says so. Text is
-released only at whole UTF-8 characters (``TextStream``). Ctrl-C stops the current reply and keeps what was
-said; at the prompt it leaves. A base model (not fine-tuned with ``gpt2lab sft``) has never seen the special
+the engine (``gpt2lab.inference.engine``, which answers the model's calculator calls, shown as ``<<48/2=24>>``)
+until <|assistant_end|>. When the history no longer fits the context (the prompt plus room for a reply), the
+oldest turns are dropped, the system message kept, and a notice says so. Text is released only at whole UTF-8
+characters (``TextStream``). Ctrl-C stops the current reply and keeps what was said; at the prompt it leaves.
+A base model (not fine-tuned with ``gpt2lab sft``) has never seen the special
 tokens, so it gets the conversation as a plain "User:/Assistant:" transcript instead, with a warning.
 
 Commands: /reset, /system TEXT, /temp X, /quit, /help.
@@ -19,9 +20,11 @@ from dataclasses import dataclass, field
 from typing import TextIO
 
 from gpt2lab.chat.defaults import DEFAULT_TEMPERATURE, DEFAULT_TOP_K
-from gpt2lab.chat.template import PLAIN_STOP, fit_history, render_plain_prompt, render_prompt
+from gpt2lab.chat.template import PLAIN_STOP, call_marks, fit_history, render_plain_prompt, render_prompt
 from gpt2lab.errors import Gpt2LabError
-from gpt2lab.inference.generate import TextStream, check_sampling_args, generate
+from gpt2lab.inference.engine import Engine, Sequence
+from gpt2lab.inference.generate import TextStream, check_sampling_args
+from gpt2lab.inference.tools import Calculator
 
 HELP = "commands: /reset (new conversation), /system TEXT, /temp X, /quit; Ctrl-C stops a reply"
 
@@ -50,41 +53,39 @@ class Chat:
 
     def __post_init__(self) -> None:
         self.reset()
+        self.engine = Engine(self.model, max_batch=1)
+        self.marks = call_marks(self.tokenizer) if self.chat_model else {}  # the calculator's tokens, as text
 
     def reset(self) -> None:
         self.messages = [{"role": "system", "content": self.system}] if self.system else []
 
     def prompt_ids(self, messages: list[dict]) -> list[int]:
-        return (render_prompt if self.chat_model else render_plain_prompt)(messages, self.tokenizer)
+        if self.chat_model:  # its calls, <<48/2=24>> in the history, render as it wrote them
+            return render_prompt(messages, self.tokenizer, tools=True)
+        return render_plain_prompt(messages, self.tokenizer)
 
     def fit(self) -> int:
         """Drop the oldest turns until the prompt leaves room for a reply; return how many messages went."""
         block = self.model.config.block_size
         budget = block - min(self.sampling.max_new_tokens, block // 2)
         render = render_prompt if self.chat_model else render_plain_prompt
-        self.messages, dropped = fit_history(self.messages, self.tokenizer, budget, render)
+        self.messages, dropped = fit_history(self.messages, self.tokenizer, budget, render, tools=self.chat_model)
         return dropped
 
     def reply_tokens(self) -> Iterator[int]:
         """The reply's token ids as they are sampled, up to (not including) the end of the turn.
 
-        A chat model's <think> and </think> are yielded (they open and close its reasoning); any other
-        special token ends the reply.
+        A chat model's <think> and </think> are yielded (they open and close its reasoning), and its calculator
+        calls (the engine forces each answer: ``gpt2lab.inference.tools``); any other special token ends the reply.
         """
         ids = self.prompt_ids(self.messages)
         s = self.sampling
         room = self.model.config.block_size - len(ids)  # never slide the window: the system message would go
-        end = self.tokenizer.special_id("<|assistant_end|>") if self.chat_model else self.tokenizer.eot
-        steps = generate(
-            self.model, ids, max_new_tokens=min(s.max_new_tokens, room), temperature=s.temperature, top_k=s.top_k,
-            top_p=s.top_p, seed=s.seed, eos_id=end,
-        )  # fmt: skip
-        think = self.think_ids()
-        for step in steps:
-            token = step[0]
-            if token is None or (token >= self.tokenizer.eot and token not in think):  # the turn's end, or special
-                return
-            yield token
+        go_on = {*self.think_ids(), *self.marks}
+        ends = frozenset(range(self.tokenizer.eot, self.model.config.vocab_size)) - go_on  # the special tokens
+        tool = Calculator(self.tokenizer).forced if self.chat_model else None
+        seq = Sequence(ids, min(s.max_new_tokens, room), None, s.temperature, s.top_k, s.top_p, s.seed, ends, tool=tool)
+        yield from self.engine.stream(seq)
 
     def think_ids(self) -> tuple[int, ...]:
         if not self.chat_model:
@@ -102,13 +103,14 @@ class Chat:
         if dropped:
             block = self.model.config.block_size
             notice(f"the conversation outgrew the context ({block} tokens): dropped the {dropped} oldest messages")
-        stream, thought = TextStream(self.tokenizer, eos_id=None), TextStream(self.tokenizer, eos_id=None)
+        stream, thought = TextStream(self.tokenizer, None, self.marks), TextStream(self.tokenizer, None, self.marks)
         think = self.think_ids()
         style = ("\033[2m", "\033[0m") if out.isatty() else ("<think>", "</think>")
         thinking = False
         stop_at = PLAIN_STOP if not self.chat_model else None  # a base model goes on to write the next turn
+        tokens = self.reply_tokens()
         try:
-            for token in self.reply_tokens():
+            for token in tokens:
                 if token in think:
                     thinking = token == think[0]
                     out.write(style[0] if thinking else thought.flush() + style[1])
@@ -119,6 +121,8 @@ class Chat:
                     break
         except KeyboardInterrupt:
             out.write(" [stopped]")
+        finally:
+            tokens.close()  # the engine drops the reply (stopped, or cut at PLAIN_STOP)
         if thinking:
             out.write(thought.flush() + style[1])
         stream.flush()

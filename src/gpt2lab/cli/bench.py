@@ -42,6 +42,7 @@ def add_bench_serve(bsub) -> None:
     p.add_argument("--requests", type=int, default=2, help="streaming requests each client sends in turn")
     p.add_argument("--max-tokens", type=int, default=32, help="new tokens per request")
     p.add_argument("--max-batch", type=int, default=32, help="the engine's batch (gpt2lab serve --max-batch)")
+    p.add_argument("--prefill-chunk", type=int, default=512, help="prompt tokens per engine step (serve's option)")
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: best available)")
     p.add_argument("--dtype", default=None, choices=DTYPES, help="weights' dtype (default: as stored)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
@@ -49,6 +50,12 @@ def add_bench_serve(bsub) -> None:
     p.add_argument("--long-request", type=int, default=None, metavar="K",
                    help="instead: K streams of a tiny model (unless --model), then one 256-message/128,000-character "
                         "chat request; report the longest gap in the streams' tokens meanwhile")  # fmt: skip
+    p.add_argument("--turns", type=int, default=None, metavar="T",
+                   help="instead: max(--clients) conversations of T turns under a long system prompt, served with "
+                        "the prefix cache and without")  # fmt: skip
+    p.add_argument("--long-prompt", type=int, default=None, metavar="N",
+                   help="with --long-request K: the big request is one N-token prompt to the served model (GPT-2 "
+                        "124M): its prefill's longest gap against one chunk's time")  # fmt: skip
     p.set_defaults(func=run_bench_serve)
 
 

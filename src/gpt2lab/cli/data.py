@@ -48,13 +48,17 @@ def add_data(sub) -> None:
         "--thinking", nargs="?", type=float, const=1.0, default=0.0, metavar="SHARE",
         help="the worked solution as the reply's thinking span (in a SHARE of them, e.g. 0.25; alone: all)",
     )  # fmt: skip
+    arith.add_argument(
+        "--tool", action="store_true",
+        help="answer through the calculator, <<347*286=99242>>99242 (fine-tune with --set sft.calculator=tool)",
+    )  # fmt: skip
     arith.set_defaults(func=run_data_arith)
 
 
 def run_data_arith(args: argparse.Namespace) -> int:
     from gpt2lab.rl.arith import write_arith_conversations
 
-    return write_arith_conversations(args.out, args.n, args.digits, args.ops, args.thinking)
+    return write_arith_conversations(args.out, args.n, args.digits, args.ops, args.thinking, args.tool)
 
 
 def run_data_prepare(args: argparse.Namespace) -> int:

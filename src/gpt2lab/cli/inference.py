@@ -147,6 +147,12 @@ def add_serve(sub) -> None:
     p.add_argument("--max-batch", type=int, default=16, help="sequences decoded together (KV cache slots)")
     p.add_argument("--max-queue", type=int, default=64, help="sequences waiting for a slot; beyond: 503")
     p.add_argument(
+        "--prefill-chunk", type=int, default=512, help="prompt tokens prefilled per step, between decoding steps"
+    )
+    p.add_argument(
+        "--no-prefix-cache", action="store_true", help="prefill every prompt whole (no reuse of a finished reply)"
+    )
+    p.add_argument(
         "--max-tokens", type=int, default=d.max_tokens, help="most new tokens per request (default: context)"
     )
     p.add_argument("--default-max-tokens", type=int, default=d.default_max_tokens, help="when a request gives none")

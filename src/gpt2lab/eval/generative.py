@@ -13,8 +13,10 @@ Reported (over problems; greedy replies unless said):
   right, averaged over problems (``sampled_pass@1`` is the mean accuracy of a sample);
 - format_rate: the share of replies whose answer parses (states a number, for GSM8K and arith);
 - reply_tokens / think_tokens: mean tokens per reply (to its end marker) / inside its <think> span.
-Under torchrun each rank generates for every world_size-th problem and the sums are all-reduced; the sampling
-seed of a problem is seed + its index, so the numbers do not depend on the number of ranks.
+All of a rank's replies go through one decoding engine (``gpt2lab.inference.engine``): up to ``batch_size``
+decoded together, a problem's greedy and sampled replies sharing one prefill of its prompt. Under torchrun each
+rank generates for every world_size-th problem and the sums are all-reduced; sample j of problem i is seeded from
+(seed + i, j), so the numbers do not depend on the number of ranks or on the batch.
 
 Expected results: nanochat's d20 model (561M parameters) scores GSM8K pass@1 4.6% after SFT and 7.6% after RL
 (its report); a GPT-2 124M base model answers almost none.
@@ -26,8 +28,8 @@ import argparse
 import datetime
 import json
 import sys
-import warnings
 from dataclasses import dataclass
+from functools import partial
 from typing import TYPE_CHECKING
 
 import torch
@@ -37,7 +39,9 @@ from gpt2lab.chat.template import PLAIN_STOP, render_plain_prompt, render_prompt
 from gpt2lab.data.shards import write_json
 from gpt2lab.errors import Gpt2LabError
 from gpt2lab.eval.common import all_reduce_sum, format_table, raw_model
-from gpt2lab.inference.generate import check_sampling_args, generate, generate_ids
+from gpt2lab.inference.engine import Engine, Sequence
+from gpt2lab.inference.generate import check_sampling_args
+from gpt2lab.inference.tools import Calculator
 from gpt2lab.runtime.dist import destroy_distributed, init_distributed, print0
 
 if TYPE_CHECKING:
@@ -66,36 +70,29 @@ def pass_ks(n: int) -> list[int]:
 # ----------------------------------------------------------------------------- one reply
 
 
-def generate_replies(
-    model: torch.nn.Module,
-    tokenizer,
-    prompt_ids: list[int],
-    n: int = 1,
-    temperature: float = 0.0,
-    max_new_tokens: int = 256,
-    seed: int | None = None,
-    chat: bool = True,
-) -> list[list[int]]:
-    """n replies to one prompt, as token ids cut before their end (<|assistant_end|>; a base model: <|endoftext|>
-    or the "\\nUser:" it writes, which stays in the ids and is cut from the text by ``score_reply``)."""
-    kwargs = dict(num_samples=n, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
-    if chat:
-        end = tokenizer.special_id("<|assistant_end|>")
-        replies = generate_ids(model, prompt_ids, eos_id=end, **kwargs)
-        return [r[: r.index(end)] if end in r else r for r in replies]
-    replies, done = [[] for _ in range(n)], [False] * n
-    for step in generate(model, prompt_ids, eos_id=tokenizer.eot, **kwargs):
-        for i, token in enumerate(step):
-            if token is None or done[i]:
-                continue
-            if token == tokenizer.eot:
-                done[i] = True
-                continue
-            replies[i].append(token)
-            done[i] = PLAIN_STOP in tokenizer.decode(replies[i][-8:])  # "\nUser:" is a few tokens
-        if all(done):
-            break
-    return replies
+def reply_sequences(
+    tokenizer, prompt: list[int], samples: int, temperature: float, budget: int, seed: int, chat: bool = True
+) -> list[Sequence]:
+    """The engine sequences of one problem: its greedy reply, then ``samples`` sampled ones (none for 1), each
+    seeded from (seed, its index). A chat reply ends at <|assistant_end|>, a base model's at <|endoftext|> or at
+    the "\nUser:" it writes (which stays in its tokens and is cut from the text by ``score_reply``)."""
+    if chat:  # a chat model may call the calculator: it answers (inference.tools)
+        ends, stop, tool = frozenset({tokenizer.special_id("<|assistant_end|>")}), None, Calculator(tokenizer).forced
+    else:
+        ends, tool = frozenset({tokenizer.eot}), None
+
+        def stop(tokens: list[int]) -> bool:
+            return PLAIN_STOP in tokenizer.decode(tokens[-8:])  # "\nUser:" is a few tokens
+
+    def sequence(temperature: float, seed: int | None) -> Sequence:
+        return Sequence(prompt, budget, _ignore, temperature, seed=seed, end_ids=ends, stop=stop, tool=tool)
+
+    sampled = [sequence(temperature, seed * 1_000_003 + j) for j in range(samples)] if samples > 1 else []
+    return [sequence(0.0, None), *sampled]
+
+
+def _ignore(token: int | None, reason: str | None) -> None:
+    """Replies are read at the end, from each sequence's tokens."""
 
 
 @dataclass
@@ -138,31 +135,14 @@ def _think_tokens(ids: list[int], tokenizer) -> int:
 def reply_budget(block_size: int, prompt_len: int, max_new_tokens: int | None = None) -> int:
     """Most tokens a reply to a prompt of prompt_len tokens may take: what the context leaves after the prompt
     (the whole context when the prompt alone fills it), and at most max_new_tokens (None: no more limit).
-    Past the context every new token runs through generate's sliding window, a full forward pass each, and
-    forgets the prompt's start: a small model's default of 256 made 20 arith problems take minutes."""
-    room = block_size - prompt_len if prompt_len < block_size else block_size
+    A prompt that fills the context keeps its last half (``fit_prompt``), and the reply the other half."""
+    room = block_size - prompt_len if prompt_len < block_size else block_size - block_size // 2
     return room if max_new_tokens is None else min(max_new_tokens, room)
 
 
-def score_problem(
-    model: torch.nn.Module,
-    tokenizer,
-    task: Task,
-    problem: Problem,
-    prompt: list[int],
-    samples: int = 1,
-    temperature: float = 1.0,
-    max_new_tokens: int = 256,
-    seed: int | None = None,
-    chat: bool = True,
-) -> tuple[Scored, list[Scored]]:
-    """The greedy reply to one problem, and its ``samples`` replies sampled as one batch (none for 1), scored."""
-    ids = generate_replies(model, tokenizer, prompt, 1, 0.0, max_new_tokens, None, chat)[0]
-    greedy = score_reply(ids, tokenizer, task, problem, chat)
-    if samples < 2:
-        return greedy, []
-    replies = generate_replies(model, tokenizer, prompt, samples, temperature, max_new_tokens, seed, chat)
-    return greedy, [score_reply(r, tokenizer, task, problem, chat) for r in replies]
+def fit_prompt(prompt: list[int], block_size: int) -> list[int]:
+    """The prompt, or its last half-context of tokens when it fills the context (counted as "cropped")."""
+    return prompt if len(prompt) < block_size else prompt[-(block_size // 2) :]
 
 
 def evaluate(
@@ -181,11 +161,12 @@ def evaluate(
     world_size: int = 1,
     progress: bool = False,
     details: bool = False,
+    batch_size: int = 16,
 ) -> dict:
     """pass@1 (greedy), pass@k from ``samples`` replies (>= 2), format rate and lengths over the first ``limit``
     problems of a split, summed over all ranks. Each reply stops where the context is full (``reply_budget``);
     with max_new_tokens given, the results count the replies it was cut for (capped_replies). ``details``: also
-    this rank's replies, per problem."""
+    this rank's replies, per problem. The replies are decoded ``batch_size`` at a time by one engine."""
     check_sampling_args(samples, max_new_tokens or 0, temperature, None, None)
     problems = task.problems(split, limit)
     net = raw_model(model)
@@ -194,33 +175,51 @@ def evaluate(
     ks = pass_ks(samples) if samples > 1 else []
     keys = ["count", "correct", "parsed", "reply_tokens", "think_tokens"]
     sums = dict.fromkeys(keys + [f"sampled_{k}" for k in keys] + [f"pass@{k}" for k in ks] + ["cropped", "capped"], 0.0)
+    mine = range(rank, len(problems), world_size)
+    jobs = []  # (problem index, its sequences: greedy first)
+    for i in mine:
+        prompt = render(problems[i].messages, tokenizer)
+        sums["cropped"] += len(prompt) >= net.config.block_size
+        budget = reply_budget(net.config.block_size, len(prompt), max_new_tokens)
+        sums["capped"] += max_new_tokens is not None and budget < max_new_tokens
+        fitted = fit_prompt(prompt, net.config.block_size)
+        jobs.append((i, reply_sequences(tokenizer, fitted, samples, temperature, budget, seed + i, chat)))
     rows = []
+    bar = tqdm(total=len(jobs), desc=f"{task.name} {split}", disable=not progress)
+    left = {id(seq): n for n, (_, seqs) in enumerate(jobs) for seq in seqs}
+    unfinished = [len(seqs) for _, seqs in jobs]
+
+    def score(n: int) -> None:  # a problem's last sequence ended: score it, in the order they finish
+        i, seqs = jobs[n]
+        greedy, *sampled = [score_reply(s.tokens, tokenizer, task, problems[i], chat) for s in seqs]
+        _add(sums, "", [greedy])
+        if sampled:
+            _add(sums, "sampled_", sampled)
+            c = sum(x.correct for x in sampled)
+            for k in ks:
+                sums[f"pass@{k}"] += pass_at_k(samples, c, k)
+        bar.update()
+        bar.set_postfix(pass1=f"{sums['correct'] / sums['count']:.3f}")
+        if details:
+            rows.append({"index": i, "answer": problems[i].answer, "greedy": greedy, "samples": sampled})
+
+    def ended(seq: Sequence, token: int | None, reason: str | None) -> None:
+        if reason is not None:
+            n = left[id(seq)]
+            unfinished[n] -= 1
+            if not unfinished[n]:
+                score(n)
+
+    for _, seqs in jobs:
+        for seq in seqs:
+            seq.emit = partial(ended, seq)
     was_training = net.training
-    net.eval()
     try:
-        with warnings.catch_warnings():  # generate warns per over-long prompt: counted in "cropped" instead
-            warnings.simplefilter("ignore")
-            bar = tqdm(range(rank, len(problems), world_size), desc=f"{task.name} {split}", disable=not progress)
-            for i in bar:
-                p = problems[i]
-                prompt = render(p.messages, tokenizer)
-                sums["cropped"] += len(prompt) > net.config.block_size
-                budget = reply_budget(net.config.block_size, len(prompt), max_new_tokens)
-                sums["capped"] += max_new_tokens is not None and budget < max_new_tokens
-                greedy, sampled = score_problem(
-                    net, tokenizer, task, p, prompt, samples, temperature, budget, seed + i, chat
-                )
-                _add(sums, "", [greedy])
-                if sampled:
-                    _add(sums, "sampled_", sampled)
-                    c = sum(s.correct for s in sampled)
-                    for k in ks:
-                        sums[f"pass@{k}"] += pass_at_k(samples, c, k)
-                bar.set_postfix(pass1=f"{sums['correct'] / sums['count']:.3f}")
-                if details:
-                    rows.append({"index": i, "answer": p.answer, "greedy": greedy, "samples": sampled})
+        Engine(net, max_batch=batch_size, max_len=net.config.block_size).run([s for _, seqs in jobs for s in seqs])
     finally:
         net.train(was_training)
+        bar.close()
+    rows.sort(key=lambda row: row["index"])
     t = all_reduce_sum(sums, device, world_size)
     out = _results(task, split, t, samples, temperature, chat, ks)
     out |= {"capped_replies": int(t["capped"])} if max_new_tokens is not None else {}

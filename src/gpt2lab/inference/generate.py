@@ -28,6 +28,7 @@ import torch
 
 from gpt2lab.errors import Gpt2LabError
 from gpt2lab.inference.kv_cache import KVCache
+from gpt2lab.inference.sampling import draw_uniform, sample_rows, seeded_generator
 from gpt2lab.model.gpt import GPT, softcap
 from gpt2lab.tokenizer.bpe import EOT_ID
 
@@ -61,16 +62,16 @@ def sample_next(
     top_p: float | None = None,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """One token id per row of logits (B, V): argmax when temperature is 0, else a filtered draw."""
+    """One token id per row of logits (B, V): argmax when temperature is 0, else a filtered draw whose
+    randomness comes from ``generator`` (a CPU one; the global generator when None), B numbers per call."""
+    B = logits.size(0)
     if temperature == 0:
         return logits.argmax(dim=-1)
-    logits = logits.float() / temperature
-    if top_k is not None:
-        logits = top_k_filter(logits, top_k)
-    if top_p is not None:
-        logits = top_p_filter(logits, top_p)
-    probs = torch.softmax(logits, dim=-1)
-    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)  # (B,)
+    uniform = torch.rand(B, dtype=torch.float64) if generator is None else draw_uniform(generator, B)
+    return sample_rows(
+        logits, torch.full((B,), float(temperature)), torch.full((B,), top_k or 0, dtype=torch.long),
+        torch.full((B,), 1.0 if top_p is None else float(top_p)), uniform.float(),
+    )  # fmt: skip
 
 
 def check_sampling_args(
@@ -207,11 +208,7 @@ def _decode(
         return
     block_size = model.config.block_size
     param = next(model.parameters())
-    generator = torch.Generator(device=param.device)
-    if seed is None:
-        generator.seed()
-    else:
-        generator.manual_seed(seed)
+    generator = seeded_generator(seed)  # on the CPU: a seed samples the same tokens on every device
     B, T = num_samples, len(ids)
     max_len = min(block_size, T + max_new_tokens)
     cache = KVCache(model.config, B, max_len, param.device, param.dtype, static=decode != "eager")
@@ -300,9 +297,10 @@ class TextStream:
     several tokens; text is released only once it no longer ends in a replacement char.
     """
 
-    def __init__(self, tokenizer, eos_id: int | None = EOT_ID):
+    def __init__(self, tokenizer, eos_id: int | None = EOT_ID, marks: dict[int, str] | None = None):
         self.tokenizer = tokenizer
         self.eos_id = eos_id
+        self.marks = marks or {}  # special tokens shown as this text (a calculator call's <<, =, >>)
         self.pending: list[int] = []
         self.text = ""  # everything released so far
 
@@ -310,6 +308,8 @@ class TextStream:
         """Add one token; return the text that became printable (maybe empty)."""
         if token == self.eos_id:
             return self.flush()
+        if token in self.marks:
+            return self.flush() + self._release(self.marks[token])
         self.pending.append(token)
         piece = self.tokenizer.decode(self.pending)
         if piece.endswith("\ufffd"):

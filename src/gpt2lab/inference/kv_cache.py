@@ -85,12 +85,13 @@ class KVCache:
 class BatchKVCache:
     """A KV cache of ``slots`` independent sequences, each at its own position: continuous batching.
 
-    Where ``KVCache`` holds one position for the whole batch (every row continues the same prompt),
-    row b here holds ``lengths[b]`` tokens of its own sequence. A decoding step feeds one token to
-    each of the first ``rows`` slots (the active ones, kept at the front by ``move``), writes it at
-    that row's position and lets it attend to its row's keys only, so sequences that started at
-    different times decode together in one batch. A sequence enters a slot with ``load`` (its prompt
-    prefilled alone in a ``KVCache``). Same buffers and layout as ``KVCache``.
+    Where ``KVCache`` holds one position for the whole batch (every row continues the same prompt), slot s here
+    holds ``lengths[s]`` tokens of its own sequence. Before each forward the engine says which slots take part
+    and how many new tokens each brings (``plan``): one each for a decoding step, a chunk of its prompt each for a
+    prefill. The forward's input is (rows, T), each row's tokens first and padding after; row i's tokens are
+    written at its slot's next positions and attend to that slot's keys only (causally), and the padding is never
+    written. Slots 0 .. n-1 in order are read as a slice; any other set of slots is gathered (a prefill, where
+    the compute dwarfs the copy). Same buffers and layout as ``KVCache``.
     """
 
     def __init__(self, config: GPTConfig, slots: int, max_len: int, device=None, dtype=None):
@@ -99,9 +100,19 @@ class BatchKVCache:
         self.v = torch.zeros((config.n_layer, slots, heads, max_len, v_dim), device=device, dtype=dtype)
         self.max_len = max_len
         self.lengths = [0] * slots  # tokens held per slot (host ints: no device sync to read them)
-        self.rows = 0  # the active slots, 0 .. rows - 1, take part in the next step
-        self._index: torch.Tensor | None = None  # this step's write position per active row (rows,)
+        self.slots: list[int] = []  # the next forward's rows: their slots and new-token counts
+        self.counts: list[int] = []
+        self._read: slice | torch.Tensor = slice(0, 0)
+        self._write: tuple[torch.Tensor, ...] = ()
         self._mask: torch.Tensor | None = None
+        self._keys = 0
+
+    def plan(self, slots: list[int], counts: list[int]) -> None:
+        """The next forward feeds counts[i] new tokens (then padding) to slot slots[i]."""
+        for slot, n in zip(slots, counts, strict=True):
+            if n < 1 or self.lengths[slot] + n > self.max_len:
+                raise ValueError(f"KV cache full: slot {slot} holds {self.lengths[slot]} + {n} of {self.max_len}")
+        self.slots, self.counts = list(slots), list(counts)
 
     def load(self, slot: int, prefilled: KVCache) -> None:
         """Copy a one-sequence cache's tokens into ``slot``."""
@@ -112,32 +123,48 @@ class BatchKVCache:
         self.v[:, slot, :, :n] = prefilled.v[:, 0, :, :n]
         self.lengths[slot] = n
 
-    def move(self, src: int, dst: int) -> None:
-        """Copy slot src's sequence into slot dst (to keep the active slots at the front)."""
+    def copy(self, src: int, dst: int) -> None:
+        """Copy slot src's sequence into slot dst (src keeps it: several choices share one prefilled prompt)."""
         n = self.lengths[src]
         self.k[:, dst, :, :n] = self.k[:, src, :, :n]
         self.v[:, dst, :, :n] = self.v[:, src, :, :n]
         self.lengths[dst] = n
 
+    def swap(self, a: int, b: int) -> None:
+        """Exchange the sequences of slots a and b."""
+        n = max(self.lengths[a], self.lengths[b])
+        for buf in (self.k, self.v):
+            held = buf[:, a, :, :n].clone()
+            buf[:, a, :, :n] = buf[:, b, :, :n]
+            buf[:, b, :, :n] = held
+        self.lengths[a], self.lengths[b] = self.lengths[b], self.lengths[a]
+
     def prepare(self, T: int, device) -> torch.Tensor:
-        """Positions (rows, 1) of each active row's next token; fixes the step's per-row mask."""
-        if T != 1:
-            raise ValueError("a BatchKVCache step feeds one token per row (prefill each sequence in a KVCache)")
-        lengths = self.lengths[: self.rows]
-        if max(lengths) >= self.max_len:
-            raise ValueError(f"KV cache full: a row holds {max(lengths)} of {self.max_len} positions")
-        self._index = torch.tensor(lengths, device=device)  # (rows,)
-        keys = torch.arange(max(lengths) + 1, device=device)
-        self._mask = (keys[None, :] <= self._index[:, None])[:, None, None, :]  # (rows, 1, 1, keys): own row only
-        return self._index[:, None]
+        """Positions (rows, T) of each row's next T inputs; fixes the step's writes and per-row causal mask."""
+        if T != max(self.counts):
+            raise ValueError(f"the input has {T} tokens per row, the plan {max(self.counts)}")
+        starts = torch.tensor([self.lengths[s] for s in self.slots], device=device)  # (rows,)
+        pos = starts[:, None] + torch.arange(T, device=device)  # (rows, T); padding runs past the row's tokens
+        self._keys = min(self.max_len, max(self.lengths[s] for s in self.slots) + T)
+        keys = torch.arange(self._keys, device=device)
+        self._mask = (keys <= pos[:, :, None])[:, None]  # (rows, 1, T, keys): its own slot, causally
+        rows = [i for i, n in enumerate(self.counts) for _ in range(n)]  # the real tokens, row by row
+        steps = [t for n in self.counts for t in range(n)]
+        slots = torch.tensor(self.slots, device=device)
+        row_t, step_t = torch.tensor(rows, device=device), torch.tensor(steps, device=device)
+        self._write = (slots[row_t], starts[row_t] + step_t, row_t, step_t)
+        first = self.slots[0]
+        contiguous = self.slots == list(range(first, first + len(self.slots)))
+        self._read = slice(first, first + len(self.slots)) if contiguous else slots
+        return pos.clamp(max=self.max_len - 1)  # padding's positions stay inside the position table
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
-        """Store each row's k, v (rows, heads, 1, dim) at its position; return its keys, values and mask."""
-        rows, keys = torch.arange(self.rows, device=k.device), self._mask.size(-1)
-        self.k[layer, rows, :, self._index] = k[:, :, 0]
-        self.v[layer, rows, :, self._index] = v[:, :, 0]
-        return self.k[layer, : self.rows, :, :keys], self.v[layer, : self.rows, :, :keys], self._mask
+        """Store the rows' real tokens' k, v (rows, heads, T, dim); return their slots' keys, values and mask."""
+        slot, position, row, step = self._write
+        self.k[layer, slot, :, position] = k[row, :, step]  # (tokens, heads, dim) both sides
+        self.v[layer, slot, :, position] = v[row, :, step]
+        return self.k[layer, self._read, :, : self._keys], self.v[layer, self._read, :, : self._keys], self._mask
 
     def advance(self, T: int) -> None:
-        for b in range(self.rows):
-            self.lengths[b] += T
+        for slot, n in zip(self.slots, self.counts):
+            self.lengths[slot] += n

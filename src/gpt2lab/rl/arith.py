@@ -132,31 +132,43 @@ class Arith(NumberTask):
             raise Gpt2LabError(f"arith with {self.digits} digits and ops {self.ops!r} has no {split} problems")
         return out
 
-    def conversations(self, n: int, split: str = "train", thinking: float = 0.0) -> list[list[dict]]:
+    def conversations(
+        self, n: int, split: str = "train", thinking: float = 0.0, tool: bool = False
+    ) -> list[list[dict]]:
         """SFT conversations: the question, and the number as the answer, after the worked solution as
-        reasoning_content in a ``thinking`` share of them (True or 1: all; spread evenly through the list)."""
+        reasoning_content in a ``thinking`` share of them (True or 1: all; spread evenly through the list).
+
+        tool: the answer is worked out by the calculator first, in GSM8K's form: ``<<347*286=99242>>99242``
+        (rendered as a call by SFT's sft.calculator = "tool"; the answer read is the last number, the same).
+        """
         out = []
         for i, p in enumerate(self.problems(split, n)):
-            reply = {"role": "assistant", "content": p.answer}
+            meta = p.meta
+            answer = f"<<{meta['a']}{meta['op']}{meta['b']}={p.answer}>>{p.answer}" if tool else p.answer
+            reply = {"role": "assistant", "content": answer}
             if math.floor((i + 1) * thinking) > math.floor(i * thinking):
-                reply = {"role": "assistant", "reasoning_content": p.solution, "content": p.answer}
+                reply = {"role": "assistant", "reasoning_content": p.solution, "content": answer}
             out.append([*p.messages, reply])
         return out
 
 
-def write_arith_conversations(out: str | Path, n: int, digits: int, ops: str, thinking: float) -> int:
+def write_arith_conversations(
+    out: str | Path, n: int, digits: int, ops: str, thinking: float, tool: bool = False
+) -> int:
     """`gpt2lab data arith`: n train-split conversations as OpenAI fine-tuning JSONL, for gpt2lab sft; a
-    ``thinking`` share of them (0 to 1) reasons first."""
+    ``thinking`` share of them (0 to 1) reasons first; ``tool``: the answers call the calculator (train them
+    with sft.calculator = tool)."""
     if n < 1:
         raise Gpt2LabError(f"--n must be >= 1 (got {n})")
     if not 0 <= thinking <= 1:
         raise Gpt2LabError(f"--thinking takes the share of conversations that reason first, 0 to 1 (got {thinking})")
-    conversations = Arith(digits=digits, ops=ops).conversations(n, "train", thinking)
+    conversations = Arith(digits=digits, ops=ops).conversations(n, "train", thinking, tool)
     path = Path(out)
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w") as f:
         for messages in conversations:
             f.write(json.dumps({"messages": messages}) + "\n")
     reasoned = sum("reasoning_content" in c[-1] for c in conversations)
-    print(f"wrote {len(conversations)} conversations ({digits}-digit {ops}, {reasoned} with thinking) to {path}")
+    calls = ", answers through the calculator" if tool else ""
+    print(f"wrote {len(conversations)} conversations ({digits}-digit {ops}, {reasoned} with thinking{calls}) to {path}")
     return 0

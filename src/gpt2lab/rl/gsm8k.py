@@ -25,7 +25,9 @@ from gpt2lab.rl.scoring import (
 )
 
 GSM8K_HUB = ("openai/gsm8k", "main")
-CALCULATOR = ("strip", "keep")  # GSM8K's <<48/2=24>> annotations in SFT data: removed, or left in the text
+# GSM8K's <<48/2=24>> annotations in SFT data: removed, left in the text, or kept for rendering as calculator
+# calls ("tool": the text keeps them; gpt2lab.chat.template.render(tools=True) turns them into tool tokens)
+CALCULATOR = ("strip", "keep", "tool")
 _CALCULATOR = re.compile(r"<<[^<>]*>>")
 
 
@@ -53,11 +55,12 @@ def gsm8k_messages(record: dict, thinking: bool = False, calculator: str = "stri
     the last number is read, and 2.7% of GSM8K's solutions do not end with their answer: 7,264 of 7,473 train and
     1,283 of 1,319 test do).
     calculator: "strip" removes the <<48/2=24>> annotations (the result written after them stays), "keep"
-    leaves them in the text.
+    leaves them in the text, "tool" too: the messages are the same as with "keep", and SFT renders them with
+    ``tools`` (each annotation a calculator call whose output is not trained).
     """
     if calculator not in CALCULATOR:
-        raise Gpt2LabError(f"calculator must be strip or keep (got {calculator!r})")
-    solution = record["answer"] if calculator == "keep" else strip_calculator(record["answer"])
+        raise Gpt2LabError(f"calculator must be one of {', '.join(CALCULATOR)} (got {calculator!r})")
+    solution = strip_calculator(record["answer"]) if calculator == "strip" else record["answer"]
     user = {"role": "user", "content": record["question"]}
     if not thinking:
         return [user, {"role": "assistant", "content": solution}]

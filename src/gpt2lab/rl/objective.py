@@ -32,6 +32,7 @@ class RLObjective(Objective):
         self.reference = None  # rl.kl > 0: the frozen starting policy
         self.entropies: list[float] = []
         self.held_out: dict = {}  # the latest held-out evaluation not yet logged
+        self.trained: list[int] = []  # positions each micro-batch's forward computed (rows x padded length)
 
     def init_weights(self, raw_model) -> None:
         from gpt2lab.chat.base import load_base_weights
@@ -55,6 +56,7 @@ class RLObjective(Objective):
     def loss(self, model, batch: tuple, targets: torch.Tensor) -> torch.Tensor:
         """The policy loss of a micro-batch (mean over its completion tokens)."""
         x, _, adv, memo = batch
+        self.trained.append(x.numel())
         logits, _ = model(x)
         logp = token_logprobs(logits, targets)
         if self.rl.epochs > 1 and "old_logp" not in memo:  # its first epoch: the policy that sampled it
@@ -77,7 +79,21 @@ class RLObjective(Objective):
             local = {k: out[k] for k in sorted(out) if not k.startswith("eval_")}  # evaluations span all ranks already
             summed = all_reduce_sum(local, next(self.loader.model.parameters()).device, world_size)
             out |= {k: v / world_size for k, v in summed.items()}
+        if out.get("rollout_s"):  # all ranks' sampled and prefilled tokens per second of (mean) rollout time
+            out["rollout_tokens_per_s"] = out["rollout_tokens"] * world_size / out["rollout_s"]
         return out
+
+    def step_tokens(self, total_batch: int, seconds: float) -> tuple[float, float]:
+        """(positions the last step's micro-batches trained on, its seconds less its rollout's): a step computes
+        its rows' padded lengths, not train.total_batch, and spends most of its time sampling (``stats`` has the
+        rollout's own tokens/s)."""
+        loader, steps = self.loader, self.loader.per_rollout
+        tokens = float(sum(self.trained[-steps:]))
+        self.trained = []
+        if loader.world_size > 1:
+            tokens = all_reduce_sum({"t": tokens}, next(loader.model.parameters()).device, loader.world_size)["t"]
+        rolled = loader.rollout_at >= loader.served - steps  # the step sampled a rollout (not a later PPO epoch)
+        return tokens, max(seconds - (loader.rollout_seconds if rolled else 0.0), 1e-9)
 
     def _evaluate_if_due(self, index: int) -> None:
         if self.rl.eval_every and index % self.rl.eval_every == 0:

@@ -2,15 +2,17 @@
 
 RL's objective (``gpt2lab.rl.objective``) opens a ``RolloutLoader`` for the training loop. At the first micro-batch
 of a step the loader samples ``rl.group_size`` completions for each of its prompts from the current policy (the
-model being trained, in eval mode, through ``gpt2lab.inference.generate``'s KV cache), rewards them with the task's
+model being trained, in eval mode: every prompt x G sequences of the step in one ``gpt2lab.inference.engine`` batch,
+each group's prompt prefilled once, bfloat16 autocast on CUDA), rewards them with the task's
 verifier, turns rewards into group-relative advantages (``gpt2lab.rl.grpo``) and serves the step's micro-batches:
 prompt + completion rows whose targets are the completion's tokens (the prompt's are -1) and whose weights are the
 advantages. The objective averages the loss over the step's trained tokens (all micro-batches and ranks) and its
 ``loss`` is the policy loss in place of cross-entropy.
 
 Every rank samples its own share of the step's prompts, each group on one rank (so a group's mean is a local mean).
-The sampling seed of a group is a function of (train.seed, rollout index, prompt index): a resumed run samples
-exactly what the uninterrupted one did, with nothing else to save than the loader's step. The loader only samples:
+The sampling seed of each completion is a function of (train.seed, rollout index, prompt index, sample index): a
+resumed run samples exactly what the uninterrupted one did, with nothing else to save than the loader's step.
+Tokens a tool forced (the calculator's output) are never trained: their targets are -1. The loader only samples:
 before each rollout it calls ``before_rollout(index)`` (the objective's held-out evaluation, the reference model and
 the policy loss live in ``gpt2lab.rl.objective``).
 """
@@ -18,6 +20,7 @@ the policy loss live in ``gpt2lab.rl.objective``).
 from __future__ import annotations
 
 import random
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -25,7 +28,8 @@ import torch
 
 from gpt2lab.chat.template import render_prompt, split_reply
 from gpt2lab.errors import Gpt2LabError
-from gpt2lab.inference.generate import generate_ids
+from gpt2lab.inference.engine import Engine, Sequence
+from gpt2lab.inference.tools import Calculator
 from gpt2lab.rl.arith import ARITH_DIGITS
 from gpt2lab.rl.grpo import group_advantages
 
@@ -84,6 +88,10 @@ def make_task(rl: RLConfig):
     return get_task(rl.task, **options)
 
 
+def _ignore(token: int | None, reason: str | None) -> None:
+    """Rollouts read each sequence's tokens at the end: nothing to do per token."""
+
+
 def _seed(*parts: int) -> int:
     return random.Random(":".join(map(str, parts))).getrandbits(63)  # stable across processes (not hash())
 
@@ -110,6 +118,8 @@ class RolloutLoader:
         self.end = tokenizer.special_id("<|assistant_end|>")
         self.think = tokenizer.special_id("<think>"), tokenizer.special_id("</think>")
         self.served = 0  # micro-batches served so far: the loader's whole state
+        self.tool = Calculator(tokenizer).forced  # a policy that calls the calculator gets its answers
+        self.rollout_at, self.rollout_seconds, self.rollout_tokens = -1, 0.0, 0  # the last rollout (throughput)
         self.queue: list[tuple] = []
         self.metrics: dict = {}
 
@@ -150,16 +160,29 @@ class RolloutLoader:
         random.Random(_seed(self.seed, index // n)).shuffle(order)
         return self.problems[order[index % n]]
 
-    def _sample(self, problem, seed: int, temperature: float, samples: int) -> tuple[list[int], list[list[int]]]:
-        """(prompt ids, the completions' ids, each ending with <|assistant_end|> where it ended)."""
+    def _prompt(self, problem) -> list[int]:
         prompt = render_prompt(problem.messages, self.tok)
-        room = self.model.config.block_size - len(prompt)
-        if room < 1:
+        if len(prompt) >= self.model.config.block_size:
             raise Gpt2LabError(f"rl: a prompt of {len(prompt)} tokens fills the model's context")
-        return prompt, generate_ids(
-            self.model, prompt, num_samples=samples, max_new_tokens=min(self.rl.max_new_tokens, room),
-            temperature=temperature, top_k=self.rl.top_k or None, seed=seed, eos_id=self.end, decode="eager",
-        )  # fmt: skip
+        return prompt
+
+    def _sample(self, prompts: list[list[int]], seeds: list[list[int]]) -> list[Sequence]:
+        """Every prompt's completions (one per seed), decoded together; each ``Sequence.tokens`` stops before
+        <|assistant_end|> (``last`` is -1 when it ended there)."""
+        block, rl = self.model.config.block_size, self.rl
+        seqs = [
+            Sequence(prompt, min(rl.max_new_tokens, block - len(prompt)), _ignore, rl.temperature, rl.top_k or None,
+                     seed=seed, end_ids=frozenset({self.end}), tool=self.tool)
+            for prompt, group in zip(prompts, seeds) for seed in group
+        ]  # fmt: skip
+        longest = max(len(p) for p in prompts) + rl.max_new_tokens
+        param = next(self.model.parameters())
+        engine = Engine(self.model, max_batch=len(seqs), max_len=longest, autocast=param.device.type == "cuda")
+        start = time.perf_counter()
+        engine.run(seqs)
+        self.rollout_seconds = time.perf_counter() - start
+        self.rollout_tokens = engine.prompt_tokens + engine.generated_tokens
+        return seqs
 
     def _rollout(self, index: int) -> list[dict]:
         rl, G = self.rl, self.rl.group_size
@@ -168,17 +191,18 @@ class RolloutLoader:
         self.model.eval()
         if self.before_rollout is not None:  # RL's objective: the held-out evaluation every rl.eval_every rollouts
             self.before_rollout(index)
+        problems = [index * rl.prompts_per_step + self.rank * per_rank + p for p in range(per_rank)]
+        prompts = [self._prompt(self._problem(j)) for j in problems]
+        seqs = self._sample(prompts, [[_seed(self.seed, index, j, g) for g in range(G)] for j in problems])
+        self.rollout_at = self.served
         rows, rewards, lengths, thinking = [], [], [], []
-        for p in range(per_rank):
-            j = index * rl.prompts_per_step + self.rank * per_rank + p
-            problem = self._problem(j)
-            prompt, completions = self._sample(problem, _seed(self.seed, index, j), rl.temperature, G)
-            for ids in completions:
-                reasoning, answer = split_reply(ids, self.tok)
-                rewards.append(float(self.task.reward(answer, problem)))
-                rows.append((prompt, ids))
-                lengths.append(len(ids))
-                thinking.append(self._thinking_tokens(ids))
+        for n, seq in enumerate(seqs):
+            ids = seq.tokens + ([self.end] if seq.last == -1 else [])  # it ended: train its <|assistant_end|>
+            reasoning, answer = split_reply(ids, self.tok)
+            rewards.append(float(self.task.reward(answer, self._problem(problems[n // G]))))
+            rows.append((prompts[n // G], ids, seq.forced_at))
+            lengths.append(len(ids))
+            thinking.append(self._thinking_tokens(ids))
         self.model.train(was_training)
         reward = torch.tensor(rewards).view(per_rank, G)
         adv = group_advantages(reward, rl.std_normalize).flatten()
@@ -188,6 +212,8 @@ class RolloutLoader:
             "completion_len": sum(lengths) / len(lengths),
             "thinking_len": sum(thinking) / len(thinking),
             "equal_groups": (reward.max(1).values == reward.min(1).values).float().mean().item(),
+            "rollout_tokens": self.rollout_tokens,  # prompts prefilled + tokens sampled, this rank
+            "rollout_s": self.rollout_seconds,
         }
         return [self._batch(rows[i : i + self.micro_batch], adv[i : i + self.micro_batch])
                 for i in range(0, len(rows), self.micro_batch)]  # fmt: skip
@@ -198,16 +224,19 @@ class RolloutLoader:
         start = ids.index(self.think[0])
         return (ids.index(self.think[1], start) if self.think[1] in ids[start:] else len(ids)) - start - 1
 
-    def _batch(self, rows: list[tuple[list[int], list[int]]], adv: torch.Tensor) -> tuple:
-        """Rows prompt + completion padded to the longest: targets -1 on the prompt and the padding."""
+    def _batch(self, rows: list[tuple[list[int], list[int], list[int]]], adv: torch.Tensor) -> tuple:
+        """Rows prompt + completion padded to the longest: targets -1 on the prompt, the padding and the tokens a
+        tool forced."""
         device = next(self.model.parameters()).device
-        L = max(len(p) + len(c) - 1 for p, c in rows)
+        L = max(len(p) + len(c) - 1 for p, c, _ in rows)
         x = torch.full((len(rows), L), self.tok.eot, dtype=torch.long)
         y = torch.full((len(rows), L), -1, dtype=torch.long)
         a = torch.zeros(len(rows), L)
-        for r, (prompt, completion) in enumerate(rows):
+        for r, (prompt, completion, forced) in enumerate(rows):
             seq = prompt + completion
             x[r, : len(seq) - 1] = torch.tensor(seq[:-1])
             y[r, len(prompt) - 1 : len(seq) - 1] = torch.tensor(completion)
             a[r, len(prompt) - 1 : len(seq) - 1] = adv[r]
+            for i in forced:  # the tool wrote them, not the policy
+                y[r, len(prompt) - 1 + i] = -1
         return x.to(device), y.to(device), a.to(device), {}

@@ -14,8 +14,8 @@ class StopText:
     Text that could be the start of a stop string is held back until the next token tells.
     """
 
-    def __init__(self, tokenizer, stops: tuple[str, ...]):
-        self.stream, self.stops, self.held, self.text = TextStream(tokenizer, eos_id=None), stops, "", ""
+    def __init__(self, tokenizer, stops: tuple[str, ...], marks: dict[int, str] | None = None):
+        self.stream, self.stops, self.held, self.text = TextStream(tokenizer, None, marks), stops, "", ""
 
     def push(self, token: int) -> tuple[str, bool]:
         """(text released, whether a stop string was reached)."""
@@ -56,11 +56,14 @@ class ReplyText:
     """A chat reply as tokens arrive: the answer (cut before a stop string) and, apart, its thinking.
 
     With ``think_ids`` (<think>, </think>), tokens between them are reasoning, OpenAI-compatible servers'
-    ``reasoning_content``; without, a thinking token's string is plain text (the completions endpoint).
+    ``reasoning_content``; without, a thinking token's string is plain text (the completions endpoint). ``marks``:
+    the calculator's tokens, shown as the text of a call (``<<48/2=24>>``).
     """
 
-    def __init__(self, tokenizer, stops: tuple[str, ...], think_ids: tuple[int, int] | None):
-        self.answer, self.reasoning = StopText(tokenizer, stops), StopText(tokenizer, ())
+    def __init__(
+        self, tokenizer, stops: tuple[str, ...], think_ids: tuple[int, int] | None, marks: dict[int, str] | None = None
+    ):
+        self.answer, self.reasoning = StopText(tokenizer, stops, marks), StopText(tokenizer, (), marks)
         self.think_ids, self.thinking = think_ids, False
 
     def push(self, token: int) -> Piece:

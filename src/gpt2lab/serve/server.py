@@ -103,7 +103,10 @@ def serve_command(args) -> int:
         log.warning(
             "%s is a base model (not from gpt2lab sft): chats get a plain User:/Assistant: transcript", args.model
         )
-    engine = Engine(model, max_batch=args.max_batch, max_queue=args.max_queue)
+    engine = Engine(
+        model, max_batch=args.max_batch, max_queue=args.max_queue, prefill_chunk=args.prefill_chunk,
+        prefix_cache=not args.no_prefix_cache,
+    )  # fmt: skip
     name = served_name(args.model, args.served_model_name)
     service = Service(engine, tokenizer, chat_model, limits, name)
     app = create_app(service, api_key, tuple(args.cors_origin))

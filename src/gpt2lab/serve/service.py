@@ -18,9 +18,17 @@ from functools import partial
 from fastapi import Request
 
 from gpt2lab.chat.defaults import DEFAULT_TEMPERATURE, DEFAULT_TOP_K
-from gpt2lab.chat.template import PLAIN_STOP, check_conversation, fit_history, render_plain_prompt, render_prompt
+from gpt2lab.chat.template import (
+    PLAIN_STOP,
+    call_marks,
+    check_conversation,
+    fit_history,
+    render_plain_prompt,
+    render_prompt,
+)
 from gpt2lab.errors import Gpt2LabError
 from gpt2lab.inference.engine import Engine, Sequence
+from gpt2lab.inference.tools import Calculator
 from gpt2lab.serve.limits import ServeLimits
 from gpt2lab.serve.reply import Piece, ReplyText
 from gpt2lab.serve.schemas import APIError, ChatRequest, CompletionRequest, Message, Sampling, unsupported
@@ -83,7 +91,10 @@ class Service:
         self.engine, self.tokenizer, self.chat_model = engine, tokenizer, chat_model
         self.limits, self.name, self.block_size = limits, name, engine.block_size
         self.think_ids = (tokenizer.special_id("<think>"), tokenizer.special_id("</think>"))
-        self.end_ids = frozenset(_special_ids(tokenizer) - set(self.think_ids))  # thinking goes on, it never ends
+        # a chat model calls the calculator (inference.tools): its tokens show as <<48/2=24>> and never end a reply
+        self.marks = call_marks(tokenizer) if chat_model else {}
+        self.calculator = Calculator(tokenizer).forced if chat_model else None
+        self.end_ids = frozenset(_special_ids(tokenizer) - set(self.think_ids) - set(self.marks))  # thinking goes on
 
     def requested_tokens(self, body: Sampling) -> int | None:
         """max_tokens, checked against the context and the limit."""
@@ -137,7 +148,9 @@ class Service:
         reserve = requested or min(self.limits.default_max_tokens, self.block_size // 2)
         render = render_prompt if self.chat_model else render_plain_prompt
         try:
-            messages, trimmed = fit_history(messages, self.tokenizer, self.block_size - reserve, render)
+            messages, trimmed = fit_history(
+                messages, self.tokenizer, self.block_size - reserve, render, tools=self.chat_model
+            )
         except Gpt2LabError as e:
             shortest = len(render(_last_turn(messages), self.tokenizer))  # what trimming the history keeps at least
             why = (
@@ -145,7 +158,7 @@ class Service:
                 f"{self.block_size}, with {reserve} kept for the reply (max_tokens)"
             )
             raise self.no_room(shortest, requested, why, "messages") from e
-        prompt = render(messages, self.tokenizer)
+        prompt = render(messages, self.tokenizer, tools=True) if self.chat_model else render(messages, self.tokenizer)
         max_new = requested or self.limits.default_max_tokens
         stops = _stops(body) + (() if self.chat_model else (PLAIN_STOP,))
         return Job([prompt], max_new, body, stops, trimmed)
@@ -220,7 +233,7 @@ class Service:
                 prompt, min(job.max_new_tokens, self.block_size - len(prompt)), partial(emit, i), temperature,
                 top_k, top_p, None if b.seed is None else b.seed + i, frozenset() if job.lists_end else self.end_ids,
                 presence_penalty=b.presence_penalty or 0.0, frequency_penalty=b.frequency_penalty or 0.0,
-                logit_bias=bias, top_logprobs=job.top_logprobs,
+                logit_bias=bias, top_logprobs=job.top_logprobs, tool=self.calculator,
             ))  # fmt: skip
         return seqs
 
@@ -240,7 +253,7 @@ class Service:
                 yield Piece(i, finish_reason="length")
             return
         seqs = self.sequences(job, emit)
-        texts = [ReplyText(self.tokenizer, job.stops, self.think_ids if job.chat else None) for _ in seqs]
+        texts = [ReplyText(self.tokenizer, job.stops, self.think_ids if job.chat else None, self.marks) for _ in seqs]
         self.engine.submit(seqs)
         job.sequences = seqs
         open_, checked = set(range(len(seqs))), time.monotonic()

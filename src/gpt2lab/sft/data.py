@@ -35,6 +35,7 @@ import torch
 
 from gpt2lab.chat.template import render
 from gpt2lab.errors import Gpt2LabError
+from gpt2lab.rl.gsm8k import CALCULATOR
 
 OVERLONG = ("truncate", "drop")
 PACKINGS = ("mask", "pad", "cross")
@@ -50,7 +51,7 @@ class SFTConfig:
     overlong: str = "truncate"  # a conversation longer than the context: truncate (cut to it) or drop
     packing: str = "mask"  # mask (packed, attention within each conversation), pad (one per row), cross (packed)
     thinking: bool = False  # GSM8K: the worked solution as the reply's thinking span, the number as its answer
-    calculator: str = "strip"  # GSM8K's <<48/2=24>> annotations: strip or keep
+    calculator: str = "strip"  # GSM8K's <<48/2=24>> annotations: strip, keep (as text) or tool (calculator calls)
     name: str = "gpt2lab"  # fills {{name}} in the data (the identity set)
     author: str = "the gpt2lab authors"  # fills {{author}}
     # The schedule replaces [optim]'s in an SFT run: 2e-5, cosine to 0 after 3% warmup, no weight decay, as in
@@ -67,8 +68,8 @@ class SFTConfig:
             problems.append("sft.model is empty: name the model to fine-tune (gpt2lab sft --model ...)")
         if not 0 <= self.val_fraction < 1:
             problems.append(f"sft.val_fraction must be in [0, 1) (got {self.val_fraction})")
-        if self.calculator not in ("strip", "keep"):
-            problems.append(f"sft.calculator must be strip or keep (got {self.calculator!r})")
+        if self.calculator not in CALCULATOR:
+            problems.append(f"sft.calculator must be one of {', '.join(CALCULATOR)} (got {self.calculator!r})")
         if self.overlong not in OVERLONG:
             problems.append(f"sft.overlong must be truncate or drop (got {self.overlong!r})")
         if self.packing not in PACKINGS:
@@ -222,15 +223,17 @@ class Packed:
 
 
 def pack(
-    conversations: list[list[dict]], tokenizer, block_size: int, overlong: str = "truncate", packing: str = "mask"
-) -> Packed:
+    conversations: list[list[dict]], tokenizer, block_size: int, overlong: str = "truncate", packing: str = "mask",
+    tools: bool = False,
+) -> Packed:  # fmt: skip
     """Lay rendered conversations into rows of block_size + 1 tokens, in order (a new row when one does not fit;
-    packing "pad": a row each). "mask" also numbers each token's conversation (padding: one more number)."""
+    packing "pad": a row each). "mask" also numbers each token's conversation (padding: one more number).
+    tools: calculator annotations rendered as calls (``render``'s ``tools``; sft.calculator = "tool")."""
     cap = block_size + 1
     rows_t, rows_m, rows_d, row_t, row_m, row_d = [], [], [], [], [], []
     kept = truncated = dropped = 0
     for conv in conversations:
-        ids, mask = render(conv, tokenizer)
+        ids, mask = render(conv, tokenizer, tools=tools)
         if len(ids) > cap:
             if overlong == "drop" or not any(mask[1:cap]):  # nothing trained would survive the cut
                 dropped += 1
@@ -329,13 +332,14 @@ def sft_loaders(
     tokenizer = run_tokenizer(cfg, resume_from)  # the fine-tuned model's: GPT-2's or a trained one
     train, val = mixture(cfg.sft, cfg.train.seed)
     kw = dict(rank=rank, world_size=world_size, seed=cfg.train.seed, device=device)
-    packed = pack(train, tokenizer, cfg.model.block_size, cfg.sft.overlong, cfg.sft.packing)
+    tools = cfg.sft.calculator == "tool"  # every file's <<expr=result>> as calls, GSM8K's and arith --tool's
+    packed = pack(train, tokenizer, cfg.model.block_size, cfg.sft.overlong, cfg.sft.packing, tools)
     if rank == 0:
         print(f"sft train: {packed.summary()}", flush=True)
     loader = SFTLoader(packed, batch_size, **kw)
     val_loader = None
     if val and cfg.eval.val_every > 0:
-        packed_val = pack(val, tokenizer, cfg.model.block_size, cfg.sft.overlong, cfg.sft.packing)
+        packed_val = pack(val, tokenizer, cfg.model.block_size, cfg.sft.overlong, cfg.sft.packing, tools)
         if rank == 0:
             print(f"sft val: {packed_val.summary()}", flush=True)
         if len(packed_val.tokens):

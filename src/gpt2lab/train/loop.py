@@ -20,6 +20,7 @@ GradScaler intends; a non-finite loss stops the run); a SIGTERM/SIGINT finishes 
 from __future__ import annotations
 
 import math
+import operator
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -43,7 +44,7 @@ from gpt2lab.train.optim import OptimConfig, lr_at, set_lr
 from gpt2lab.train.perf import PerfConfig
 from gpt2lab.train.reference import speed_note, val_loss_note
 from gpt2lab.train.run import NEXT_TOKEN, Run, agree_micro_batch, finished, save, saved_micro_batch, setup
-from gpt2lab.train.runlog import MetricsLog, StopSignals
+from gpt2lab.train.runlog import MetricsLog, StopSignals, step_suffix
 
 DTYPES = hardware.DTYPES
 MAX_SKIPPED_IN_A_ROW = 25  # float16: a loss scale halved this often cannot recover; stop instead of spinning
@@ -395,7 +396,7 @@ def loop(run: Run, stop: StopSignals) -> Path | None:
             skips_in_a_row = _count_skip(run, step, loss, norm, skips_in_a_row, last_ckpt)
             last = step == cfg.train.max_steps
             if step % cfg.log.every == 0 or last or step == run.start_step + 1:
-                tps = cfg.train.total_batch / dt
+                tps = operator.truediv(*run.objective.step_tokens(cfg.train.total_batch, dt))  # RL: rollouts apart
                 record = dict(train_loss=loss, lr=lr, grad_norm=norm, ms_per_step=dt * 1e3, tokens_per_s=tps)
                 if run.scaler is not None:  # float16: the loss scale and the steps it skipped so far
                     record |= dict(loss_scale=run.scaler.get_scale(), skipped_steps=run.skipped_steps)
@@ -406,16 +407,10 @@ def loop(run: Run, stop: StopSignals) -> Path | None:
                 record |= run.raw_model.moe_stats()  # MoE: max/mean expert load and each block's expert shares
                 record |= run.objective.stats()  # RL: reward, lengths, held-out rewards, ...
                 log.log(step, **record)
-                mfu = f" | MFU {record['mfu']:6.1%}" if peak else ""
-                mfu += f" | reward {record['reward']:.3f}" if "reward" in record else ""
-                mfu += f" | held-out {record['eval_reward']:.3f}" if "eval_reward" in record else ""
-                mfu += f" sampled {record['eval_sampled_reward']:.3f}" if "eval_sampled_reward" in record else ""
-                mfu += f" | skipped {run.skipped_steps}" if run.skipped_steps else ""
-                mfu += f" | moe max/mean {record['moe_load_max_over_mean']:.2f}" if "moe_load" in record else ""
                 _print0(
                     info,
                     f"step {step:>6}/{cfg.train.max_steps} | loss {loss:.4f} | lr {lr:.2e} | norm {norm:.3f} | "
-                    f"{dt * 1e3:7.1f} ms | {tps:9,.0f} tok/s{mfu}",
+                    f"{dt * 1e3:7.1f} ms | {tps:9,.0f} tok/s{step_suffix(record, run.skipped_steps)}",
                 )
             if run.val_loader is not None and _periodic(cfg.eval.val_every, step, last):
                 metrics["val_loss"] = val_loss(

@@ -59,6 +59,11 @@ class Objective:
         """Extra metrics of the steps since the last call (for the metrics log); every rank calls it."""
         return {}
 
+    def step_tokens(self, total_batch: int, seconds: float) -> tuple[float, float]:
+        """(tokens the last step trained on, seconds it trained) for its tokens/s and MFU, all ranks; every rank
+        calls it. Pretraining and SFT: train.total_batch tokens over the whole step."""
+        return total_batch, seconds
+
 
 class NextToken(Objective):
     """Pretraining: the next-token loss over the token shards of [data] (and its val split when val_every > 0)."""

@@ -107,3 +107,14 @@ class MetricsLog:
             self.file.close()
             if self.writer is not None:
                 self.writer.close()
+
+
+def step_suffix(record: dict, skipped_steps: int = 0) -> str:
+    """The end of a step's printed line: MFU, RL's rollout speed and rewards, skipped steps, MoE balance."""
+    out = f" | MFU {record['mfu']:6.1%}" if "mfu" in record else ""
+    out += f" | rollout {record['rollout_tokens_per_s']:,.0f} tok/s" if "rollout_tokens_per_s" in record else ""
+    out += f" | reward {record['reward']:.3f}" if "reward" in record else ""
+    out += f" | held-out {record['eval_reward']:.3f}" if "eval_reward" in record else ""
+    out += f" sampled {record['eval_sampled_reward']:.3f}" if "eval_sampled_reward" in record else ""
+    out += f" | skipped {skipped_steps}" if skipped_steps else ""
+    return out + (f" | moe max/mean {record['moe_load_max_over_mean']:.2f}" if "moe_load" in record else "")
