@@ -121,6 +121,7 @@ class RolloutLoader:
         self.tool = Calculator(tokenizer).forced  # a policy that calls the calculator gets its answers
         self.rollout_at, self.rollout_seconds, self.rollout_tokens = -1, 0.0, 0  # the last rollout (throughput)
         self.queue: list[tuple] = []
+        self._order: tuple[int, list[int]] = (-1, [])  # (epoch, its shuffled order of the problems)
         self.metrics: dict = {}
 
     @property
@@ -156,9 +157,11 @@ class RolloutLoader:
     def _problem(self, index: int):
         """The index-th training problem of an endless sequence of shuffled epochs."""
         n = len(self.problems)
-        order = list(range(n))
-        random.Random(_seed(self.seed, index // n)).shuffle(order)
-        return self.problems[order[index % n]]
+        if self._order[0] != index // n:  # shuffled once per epoch (7 ms for arith's problems)
+            order = list(range(n))
+            random.Random(_seed(self.seed, index // n)).shuffle(order)
+            self._order = (index // n, order)
+        return self.problems[self._order[1][index % n]]
 
     def _prompt(self, problem) -> list[int]:
         prompt = render_prompt(problem.messages, self.tok)
@@ -191,15 +194,16 @@ class RolloutLoader:
         self.model.eval()
         if self.before_rollout is not None:  # RL's objective: the held-out evaluation every rl.eval_every rollouts
             self.before_rollout(index)
-        problems = [index * rl.prompts_per_step + self.rank * per_rank + p for p in range(per_rank)]
-        prompts = [self._prompt(self._problem(j)) for j in problems]
-        seqs = self._sample(prompts, [[_seed(self.seed, index, j, g) for g in range(G)] for j in problems])
+        indices = [index * rl.prompts_per_step + self.rank * per_rank + p for p in range(per_rank)]
+        problems = [self._problem(j) for j in indices]
+        prompts = [self._prompt(p) for p in problems]
+        seqs = self._sample(prompts, [[_seed(self.seed, index, j, g) for g in range(G)] for j in indices])
         self.rollout_at = self.served
         rows, rewards, lengths, thinking = [], [], [], []
         for n, seq in enumerate(seqs):
             ids = seq.tokens + ([self.end] if seq.last == -1 else [])  # it ended: train its <|assistant_end|>
             reasoning, answer = split_reply(ids, self.tok)
-            rewards.append(float(self.task.reward(answer, self._problem(problems[n // G]))))
+            rewards.append(float(self.task.reward(answer, problems[n // G])))
             rows.append((prompts[n // G], ids, seq.forced_at))
             lengths.append(len(ids))
             thinking.append(self._thinking_tokens(ids))
