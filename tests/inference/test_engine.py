@@ -150,11 +150,14 @@ def test_a_tool_forces_its_tokens_which_the_sequence_then_reads():
     model = tiny()
     calls = []
 
-    def tool(tokens: list[int]) -> list[int]:
-        calls.append(len(tokens))
-        return [90, 91, 92] if len(tokens) == 2 else []
+    class Tool:
+        banned = ()
 
-    seq = Sequence([5, 6, 7], 9, None, temperature=0, tool=tool)
+        def forced(self, tokens: list[int]) -> list[int]:
+            calls.append(len(tokens))
+            return [90, 91, 92] if len(tokens) == 2 else []
+
+    seq = Sequence([5, 6, 7], 9, None, temperature=0, tool=Tool())
     _run(Engine(model, max_batch=2), [seq])
     assert seq.tokens[2:5] == [90, 91, 92] and seq.forced_at == [2, 3, 4]
     assert calls == [1, 2, 6, 7, 8, 9]  # asked after each sampled token, never after a forced one
@@ -208,3 +211,20 @@ def test_the_prefix_cache_prefills_only_what_a_finished_sequence_did_not_hold(sw
         before = engine.prompt_tokens
         _run(engine, [unrelated])
         assert engine.prompt_tokens - before == 3
+
+
+def test_a_tools_banned_tokens_are_never_sampled_by_its_row_only():
+    """A row whose tool bans tokens never draws them (even with a +100 logit_bias towards one), and a row
+    without a tool beside it still can."""
+    model = tiny()
+
+    class Banning:
+        banned = (42, 43)
+
+        def forced(self, tokens: list[int]) -> list[int]:
+            return []
+
+    banned = Sequence([1, 2, 3], 8, None, temperature=1.0, seed=0, logit_bias={42: 100.0}, tool=Banning())
+    free = Sequence([1, 2, 3], 8, None, temperature=1.0, seed=0, logit_bias={42: 100.0})
+    _run(Engine(model, max_batch=2), [banned, free])
+    assert free.tokens == [42] * 8 and not {42, 43} & set(banned.tokens) and len(banned.tokens) == 8

@@ -255,7 +255,7 @@ def test_tokens_a_tool_forced_are_never_trained(tmp_path, tokenizer):
     task, verifier = _vowel_task(tmp_path)
     rl = RLConfig(model="-", task=task, verifier=verifier, group_size=2, prompts_per_step=1, max_new_tokens=6)
     loader = RolloutLoader(_peaky_policy(), tokenizer, rl, micro_batch=2, rank=0, world_size=1, seed=0)
-    loader.tool = lambda tokens: [7, 8] if len(tokens) == 1 else []  # after the first sampled token, force two
+    loader.tool = FakeTool(lambda tokens: [7, 8] if len(tokens) == 1 else [])  # after the first sampled token: two
     x, y, _, _ = loader.next_batch()
     prompt = len(render_prompt(loader._problem(0).messages, tokenizer))
     for row in range(2):
@@ -263,3 +263,12 @@ def test_tokens_a_tool_forced_are_never_trained(tmp_path, tokenizer):
         assert y[row, start] != -1 and x[row, start + 2 : start + 4].tolist() == [7, 8]  # fed to the model
         assert y[row, start + 1 : start + 3].tolist() == [-1, -1]  # never its targets
         assert (y[row, start + 3 :] != -1).sum() == (x[row, start + 3 :] != tokenizer.eot).sum()  # the rest trained
+
+
+class FakeTool:
+    """A tool that forces what ``rule`` says, and bans nothing."""
+
+    banned = ()
+
+    def __init__(self, rule):
+        self.forced = rule

@@ -520,7 +520,7 @@ def test_a_chat_models_calculator_calls_are_answered_and_shown_as_text(model, to
     seq = service.sequences(job, lambda *_: None)[0]
     call = [tokenizer.special_id("<|tool_start|>"), *tokenizer.encode_ordinary("2+3"),
             tokenizer.special_id("<|tool_end|>")]  # fmt: skip
-    forced = seq.tool(call)
+    forced = seq.tool.forced(call)
     assert forced[0] == tokenizer.special_id("<|output_start|>") and tokenizer.decode(forced[1:-1]) == "5"
     text = ReplyText(tokenizer, (), service.think_ids, service.marks)
     shown = "".join(text.push(t).text for t in [*tokenizer.encode_ordinary("So "), *call, *forced])

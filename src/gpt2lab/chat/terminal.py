@@ -83,7 +83,7 @@ class Chat:
         room = self.model.config.block_size - len(ids)  # never slide the window: the system message would go
         go_on = {*self.think_ids(), *self.marks}
         ends = frozenset(range(self.tokenizer.eot, self.model.config.vocab_size)) - go_on  # the special tokens
-        tool = Calculator(self.tokenizer).forced if self.chat_model else None
+        tool = Calculator(self.tokenizer) if self.chat_model else None
         seq = Sequence(ids, min(s.max_new_tokens, room), None, s.temperature, s.top_k, s.top_p, s.seed, ends, tool=tool)
         yield from self.engine.stream(seq)
 

@@ -77,7 +77,7 @@ def reply_sequences(
     seeded from (seed, its index). A chat reply ends at <|assistant_end|>, a base model's at <|endoftext|> or at
     the "\nUser:" it writes (which stays in its tokens and is cut from the text by ``score_reply``)."""
     if chat:  # a chat model may call the calculator: it answers (inference.tools)
-        ends, stop, tool = frozenset({tokenizer.special_id("<|assistant_end|>")}), None, Calculator(tokenizer).forced
+        ends, stop, tool = frozenset({tokenizer.special_id("<|assistant_end|>")}), None, Calculator(tokenizer)
     else:
         ends, tool = frozenset({tokenizer.eot}), None
 

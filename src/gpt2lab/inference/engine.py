@@ -16,7 +16,7 @@ run it to the end on their own thread (``run``). Each turn of its loop:
 Sampling is batched (``sampling.sample_rows``): each row's temperature, top-k, top-p, penalties and logit bias
 apply as tensors, one uniform number per row from the sequence's own CPU ``torch.Generator`` (a seeded request
 gives the tokens it would alone), one draw and one transfer to the host per step. Tokens go back through each
-sequence's ``emit`` callback, on the engine's thread. A sequence may carry a ``tool``: after each sampled token
+sequence's ``emit`` callback, on the engine's thread. A sequence may carry a ``Tool``: after each sampled token
 it returns the tokens to force next (the calculator, ``gpt2lab.inference.tools``), fed one per step and marked in
 ``forced_at`` so training never learns them.
 """
@@ -30,6 +30,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -42,6 +43,14 @@ from gpt2lab.model.gpt import GPT, softcap
 
 log = logging.getLogger(__name__)
 HEAD_SLICE = 2048  # vocabulary rows per slice of the LM head (several rows' logits on a CPU)
+
+
+class Tool(Protocol):
+    """What a sequence's tool does: tokens to force after each sampled token, and tokens only it may write."""
+
+    banned: tuple[int, ...]  # never sampled (a calculator's output markers): the model cannot fake an answer
+
+    def forced(self, tokens: list[int]) -> list[int]: ...
 
 
 class EngineBusy(Gpt2LabError):
@@ -70,7 +79,7 @@ class Sequence:
     frequency_penalty: float = 0.0
     logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit
     top_logprobs: int | None = None  # set: each emitted token's log-prob and the top ones go to ``logprobs``
-    tool: Callable[[list[int]], list[int]] | None = None  # tokens so far -> tokens to force next (a tool's output)
+    tool: Tool | None = None  # tokens so far -> tokens to force next (a tool's output)
     stop: Callable[[list[int]], bool] | None = None  # tokens so far -> True: it ends here ("stop")
     logprobs: list[tuple[int, float, list[tuple[int, float]]]] = field(default_factory=list)  # (token, lp, top)
     cancelled: bool = False
@@ -112,6 +121,17 @@ def apply_penalties(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
     frequency = logits.new_tensor([seqs[i].frequency_penalty for i in rows])[:, None]
     presence = logits.new_tensor([seqs[i].presence_penalty for i in rows])[:, None]
     logits[rows] = logits[rows] - frequency * counts - presence * (counts > 0) + bias
+    return logits
+
+
+def ban_tool_tokens(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+    """Logits (B, V) with the tokens each row's tool alone writes set to -inf."""
+    banned = [(i, t) for i, s in enumerate(seqs) if s.tool is not None for t in s.tool.banned]
+    if not banned:
+        return logits
+    logits = logits.clone()
+    rows, tokens = zip(*banned)
+    logits[list(rows), list(tokens)] = float("-inf")
     return logits
 
 
@@ -416,6 +436,7 @@ class Engine:
         if drawn:
             part = [seqs[i] for i in drawn]
             rows = logits if len(drawn) == len(seqs) else logits[drawn]
+            rows = ban_tool_tokens(rows, part)
             new = sample_rows(
                 apply_penalties(rows, part),
                 torch.tensor([s.temperature for s in part]),
@@ -462,7 +483,7 @@ class Engine:
         if seq.stop is not None and seq.stop(seq.tokens):
             seq.last = -1
         elif seq.tool is not None and not forced:
-            seq.pending.extend(seq.tool(seq.tokens))
+            seq.pending.extend(seq.tool.forced(seq.tokens))
 
     def _finish_reason(self, seq: Sequence) -> str | None:
         if seq.cancelled:

@@ -144,6 +144,7 @@ class Calculator:
         self.tool_end = tokenizer.special_id("<|tool_end|>")
         self.output_start = tokenizer.special_id("<|output_start|>")
         self.output_end = tokenizer.special_id("<|output_end|>")
+        self.banned = (self.output_start, self.output_end)  # the engine writes outputs: the model never samples them
 
     def forced(self, generated: Sequence[int]) -> list[int]:
         """The ids to force after ``generated`` (the tokens so far, the last one just sampled): [] unless that

@@ -118,7 +118,7 @@ class RolloutLoader:
         self.end = tokenizer.special_id("<|assistant_end|>")
         self.think = tokenizer.special_id("<think>"), tokenizer.special_id("</think>")
         self.served = 0  # micro-batches served so far: the loader's whole state
-        self.tool = Calculator(tokenizer).forced  # a policy that calls the calculator gets its answers
+        self.tool = Calculator(tokenizer)  # a policy that calls the calculator gets its answers
         self.rollout_at, self.rollout_seconds, self.rollout_tokens = -1, 0.0, 0  # the last rollout (throughput)
         self.queue: list[tuple] = []
         self._order: tuple[int, list[int]] = (-1, [])  # (epoch, its shuffled order of the problems)

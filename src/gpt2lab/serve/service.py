@@ -93,7 +93,7 @@ class Service:
         self.think_ids = (tokenizer.special_id("<think>"), tokenizer.special_id("</think>"))
         # a chat model calls the calculator (inference.tools): its tokens show as <<48/2=24>> and never end a reply
         self.marks = call_marks(tokenizer) if chat_model else {}
-        self.calculator = Calculator(tokenizer).forced if chat_model else None
+        self.calculator = Calculator(tokenizer) if chat_model else None
         self.end_ids = frozenset(_special_ids(tokenizer) - set(self.think_ids) - set(self.marks))  # thinking goes on
 
     def requested_tokens(self, body: Sampling) -> int | None:
@@ -233,7 +233,7 @@ class Service:
                 prompt, min(job.max_new_tokens, self.block_size - len(prompt)), partial(emit, i), temperature,
                 top_k, top_p, None if b.seed is None else b.seed + i, frozenset() if job.lists_end else self.end_ids,
                 presence_penalty=b.presence_penalty or 0.0, frequency_penalty=b.frequency_penalty or 0.0,
-                logit_bias=bias, top_logprobs=job.top_logprobs, tool=self.calculator,
+                logit_bias=bias, top_logprobs=job.top_logprobs, tool=self.calculator if job.chat else None,
             ))  # fmt: skip
         return seqs
 
