@@ -47,6 +47,32 @@ def _model(spec: str | None, device: str, dtype: str | None):
 SYSTEM = "You are a patient teacher. " * 60  # a long system prompt (~360 tokens) every conversation repeats
 
 
+def _served_model(args: argparse.Namespace, tiny: bool = False):
+    """(model, tokenizer) the benchmark serves: --model, else a random GPT-2 124M (``tiny``: ``_tiny_model``)."""
+    from gpt2lab.inference.generate import check_device
+    from gpt2lab.interop.tokenizer_match import model_tokenizer
+    from gpt2lab.runtime.dist import default_device
+    from gpt2lab.tokenizer.bpe import get_tokenizer
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = check_device(args.device or default_device())
+    model = _tiny_model(device) if tiny and not args.model else _model(args.model, device, args.dtype)
+    return model, model_tokenizer(args.model) if args.model else get_tokenizer()
+
+
+def _bench_service(model, tokenizer, **engine_options):
+    """`gpt2lab serve`'s Service around a new engine; every reply is the model's own tokens up to max_tokens (no end
+    token, no calculator)."""
+    from gpt2lab.inference.engine import Engine
+    from gpt2lab.serve.limits import ServeLimits
+    from gpt2lab.serve.service import Service
+
+    service = Service(Engine(model, **engine_options), tokenizer, True, ServeLimits(), "bench")
+    service.end_ids, service.calculator = frozenset(), None
+    return service
+
+
 def _client(url: str, requests: int, max_tokens: int, seed: int, record: list, turns: bool = False) -> None:
     """Send streaming chat requests one after another; record (ttft, tokens) of each. ``turns``: the requests
     are the turns of one conversation under ``SYSTEM``, each sending the history with the replies so far."""
@@ -186,14 +212,7 @@ def run_level(url: str, clients: int, requests: int, max_tokens: int, turns: boo
 
 
 def bench_serve(args: argparse.Namespace) -> int:
-    from gpt2lab.inference.engine import Engine
-    from gpt2lab.inference.generate import check_device
-    from gpt2lab.interop.tokenizer_match import model_tokenizer
-    from gpt2lab.runtime.dist import default_device
     from gpt2lab.serve.app import create_app, serve_in_thread
-    from gpt2lab.serve.limits import ServeLimits
-    from gpt2lab.serve.service import Service
-    from gpt2lab.tokenizer.bpe import get_tokenizer
 
     if args.long_request is not None:
         return bench_long_request(args)
@@ -201,14 +220,10 @@ def bench_serve(args: argparse.Namespace) -> int:
         return bench_turns(args)
     if min(args.clients) < 1 or args.requests < 1 or args.max_tokens < 1:
         raise Gpt2LabError("--clients, --requests and --max-tokens must be >= 1")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = check_device(args.device or default_device())
-    model = _model(args.model, device, args.dtype)
-    tokenizer = model_tokenizer(args.model) if args.model else get_tokenizer()
-    engine = Engine(model, max_batch=args.max_batch, max_queue=max(args.clients) * 2, prefill_chunk=args.prefill_chunk)
-    service = Service(engine, tokenizer, True, ServeLimits(), "bench")
-    service.end_ids, service.calculator = frozenset(), None  # every request makes max_tokens tokens of the model's
+    model, tokenizer = _served_model(args)
+    service = _bench_service(model, tokenizer, max_batch=args.max_batch, max_queue=max(args.clients) * 2,
+                             prefill_chunk=args.prefill_chunk)  # fmt: skip
+    engine, device = service.engine, service.engine.device
     print(f"bench serve: {sum(p.numel() for p in model.parameters()) / 1e6:.0f}M parameters on {device}, "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads, max batch {args.max_batch}, "
           f"{args.requests} requests x {args.max_tokens} tokens per client", flush=True)  # fmt: skip
@@ -234,26 +249,14 @@ def bench_serve(args: argparse.Namespace) -> int:
 
 def bench_long_request(args: argparse.Namespace) -> int:
     """``--long-request K``: the longest stall one huge chat request causes K other streams."""
-    from gpt2lab.inference.engine import Engine
-    from gpt2lab.inference.generate import check_device
-    from gpt2lab.interop.tokenizer_match import model_tokenizer
-    from gpt2lab.runtime.dist import default_device
     from gpt2lab.serve.app import create_app, serve_in_thread
-    from gpt2lab.serve.limits import ServeLimits
-    from gpt2lab.serve.service import Service
-    from gpt2lab.tokenizer.bpe import get_tokenizer
 
     if args.long_request < 1:
         raise Gpt2LabError("--long-request takes the number of streaming clients (>= 1)")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = check_device(args.device or default_device())
     big = long_prompt(args.long_prompt) if args.long_prompt else None  # else the huge chat
-    model = _model(args.model, device, args.dtype) if args.model or big else _tiny_model(device)
-    tokenizer = model_tokenizer(args.model) if args.model else get_tokenizer()
-    engine = Engine(model, max_batch=args.max_batch, prefill_chunk=args.prefill_chunk)
-    service = Service(engine, tokenizer, True, ServeLimits(), "bench")
-    service.end_ids, service.calculator = frozenset(), None  # the streams last until the test stops them
+    model, tokenizer = _served_model(args, tiny=big is None)
+    service = _bench_service(model, tokenizer, max_batch=args.max_batch, prefill_chunk=args.prefill_chunk)
+    engine, device = service.engine, service.engine.device
     prepared, build = [], service.chat_job
 
     def timed_chat_job(body):  # the big request's job building, timed wherever the app runs it
@@ -329,28 +332,18 @@ def _report_long_prompt(args: argparse.Namespace, engine, row: dict) -> int:
 def bench_turns(args: argparse.Namespace) -> int:
     """``--turns T``: C clients each hold a T-turn conversation under a long system prompt, served with the
     engine's prefix cache and without, one after the other on fresh servers: what the cache buys."""
-    from gpt2lab.inference.engine import Engine
-    from gpt2lab.inference.generate import check_device
-    from gpt2lab.interop.tokenizer_match import model_tokenizer
-    from gpt2lab.runtime.dist import default_device
     from gpt2lab.serve.app import create_app, serve_in_thread
-    from gpt2lab.serve.limits import ServeLimits
-    from gpt2lab.serve.service import Service
-    from gpt2lab.tokenizer.bpe import get_tokenizer
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = check_device(args.device or default_device())
-    model = _model(args.model, device, args.dtype)
-    tokenizer = model_tokenizer(args.model) if args.model else get_tokenizer()
+    model, tokenizer = _served_model(args)
     clients = max(args.clients)
     print(f"bench serve --turns {args.turns}: {clients} conversations of {args.turns} turns x {args.max_tokens} "
           f"tokens, torch {torch.__version__}, {torch.get_num_threads()} threads", flush=True)  # fmt: skip
     rows = []
     for cache in (True, False):
-        engine = Engine(model, max_batch=args.max_batch, prefill_chunk=args.prefill_chunk, prefix_cache=cache)
-        service = Service(engine, tokenizer, True, ServeLimits(), "bench")
-        service.end_ids, service.calculator = frozenset(), None
+        service = _bench_service(
+            model, tokenizer, max_batch=args.max_batch, prefill_chunk=args.prefill_chunk, prefix_cache=cache
+        )
+        engine = service.engine
         with serve_in_thread(create_app(service)) as url, multiprocessing.get_context("spawn").Pool(1) as pool:
             pool.apply(run_level, (url, 1, 1, 4))  # warm-up
             before = engine.prompt_tokens, engine.cached_tokens
