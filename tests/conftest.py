@@ -130,3 +130,25 @@ def tokenizer(shared_data):
     from gpt2lab.tokenizer.bpe import get_tokenizer
 
     return get_tokenizer()
+
+
+def tiny_deepseek_v3(seed: int, **overrides):
+    """A tiny transformers DeepseekV3ForCausalLM (MLA attention, MoE in blocks 1 and 2), with sharp routers and a
+    random routing bias so that its routing choices matter; ``overrides`` change its config."""
+    import torch
+    import transformers
+
+    settings = dict(
+        vocab_size=97, hidden_size=36, intermediate_size=40, moe_intermediate_size=12, num_hidden_layers=3,
+        first_k_dense_replace=1, n_routed_experts=8, num_experts_per_tok=3, n_shared_experts=1,
+        num_attention_heads=3, num_key_value_heads=3, kv_lora_rank=10, q_lora_rank=None, qk_nope_head_dim=5,
+        qk_rope_head_dim=6, v_head_dim=7, max_position_embeddings=32, num_nextn_predict_layers=0,
+    )  # fmt: skip
+    config = transformers.DeepseekV3Config(**(settings | overrides))
+    torch.manual_seed(seed)
+    model = transformers.DeepseekV3ForCausalLM(config).eval()
+    with torch.no_grad():
+        for layer in model.model.layers[config.first_k_dense_replace :]:
+            layer.mlp.gate.weight.mul_(20)
+            layer.mlp.gate.e_score_correction_bias.copy_(0.1 * torch.randn(config.n_routed_experts))
+    return model

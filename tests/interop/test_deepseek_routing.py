@@ -14,26 +14,14 @@ from gpt2lab.cli.main import main
 from gpt2lab.errors import Gpt2LabError
 from gpt2lab.interop.hf import config_from_hf, export_hf
 from gpt2lab.interop.load import load_model
-from tests.conftest import assert_close_f32, assert_not_close_f32
+from tests.conftest import assert_close_f32, assert_not_close_f32, tiny_deepseek_v3
 
 transformers = pytest.importorskip("transformers")
 
 
 def _deepseek_v3(**routing) -> transformers.DeepseekV3ForCausalLM:
     """A tiny DeepseekV3ForCausalLM, MoE in blocks 1 and 2, sharp routers and a random routing bias."""
-    config = transformers.DeepseekV3Config(
-        vocab_size=97, hidden_size=36, intermediate_size=40, moe_intermediate_size=12, num_hidden_layers=3,
-        first_k_dense_replace=1, n_routed_experts=8, num_experts_per_tok=3, n_shared_experts=1,
-        num_attention_heads=3, num_key_value_heads=3, kv_lora_rank=10, q_lora_rank=None, qk_nope_head_dim=5,
-        qk_rope_head_dim=6, v_head_dim=7, max_position_embeddings=32, num_nextn_predict_layers=0, **routing,
-    )  # fmt: skip
-    torch.manual_seed(3)
-    model = transformers.DeepseekV3ForCausalLM(config).eval()
-    with torch.no_grad():
-        for layer in model.model.layers[1:]:
-            layer.mlp.gate.weight.mul_(20)
-            layer.mlp.gate.e_score_correction_bias.copy_(0.1 * torch.randn(8))
-    return model
+    return tiny_deepseek_v3(3, **routing)
 
 
 ROUTING = dict(routed_scaling_factor=2.5, n_group=4, topk_group=2)

@@ -12,7 +12,7 @@ from gpt2lab.checkpoint.folder import save_model
 from gpt2lab.inference.kv_cache import KVCache
 from gpt2lab.model.config import GPTConfig
 from gpt2lab.model.gpt import GPT
-from tests.conftest import REPO, assert_close_f32, assert_not_close_f32, cached_decoding
+from tests.conftest import REPO, assert_close_f32, assert_not_close_f32, cached_decoding, tiny_deepseek_v3
 
 # odd shapes: 3 heads of 12, nope 5, rope 6, v 7, latent 10 (query latent 14 where used)
 BASE = dict(block_size=32, vocab_size=97, n_layer=2, n_head=3, n_embd=36)
@@ -268,23 +268,11 @@ def test_mla_with_moe_exports_and_imports_as_deepseek_v3(shared, moe_layers, tmp
 
 
 def test_a_deepseek_v3_moe_folder_transformers_made_loads(tmp_path):
-    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("transformers")
     from gpt2lab.interop.load import load_model
 
-    config = transformers.DeepseekV3Config(
-        vocab_size=97, hidden_size=36, intermediate_size=40, moe_intermediate_size=12, num_hidden_layers=3,
-        first_k_dense_replace=1, n_routed_experts=6, num_experts_per_tok=3, n_shared_experts=1, n_group=2,
-        topk_group=2, routed_scaling_factor=1.0, norm_topk_prob=False, num_attention_heads=3, num_key_value_heads=3,
-        kv_lora_rank=10,
-        q_lora_rank=None, qk_nope_head_dim=5, qk_rope_head_dim=6, v_head_dim=7, max_position_embeddings=32,
-        num_nextn_predict_layers=0,
-    )  # fmt: skip
-    torch.manual_seed(2)
-    theirs = transformers.DeepseekV3ForCausalLM(config).eval()
-    with torch.no_grad():
-        for layer in theirs.model.layers[1:]:
-            layer.mlp.gate.weight.mul_(20)
-            layer.mlp.gate.e_score_correction_bias.copy_(0.1 * torch.randn(6))
+    theirs = tiny_deepseek_v3(2, n_routed_experts=6, n_group=2, topk_group=2, routed_scaling_factor=1.0,
+                              norm_topk_prob=False)  # fmt: skip
     theirs.save_pretrained(tmp_path / "hf")
     ours = load_model(str(tmp_path / "hf"))
     cfg = ours.config

@@ -113,6 +113,25 @@ def test_moe_block_equals_transformers_qwen3_moe_and_mixtral(family):
         assert_close_f32(moe(x), theirs(x))
 
 
+def assert_same_routing(moe, theirs, x) -> None:
+    """The experts each token of x (B, T, C) goes to and their weights, ours and a DeepseekV3MoE's (no grad)."""
+    _, weights, chosen = theirs.gate(x)
+    order = chosen.argsort(dim=-1)  # DeepSeek's top-k is unsorted
+    _, our_chosen, our_weights = moe.route(x.view(-1, x.size(-1)))
+    our_order = our_chosen.argsort(dim=-1)
+    assert torch.equal(our_chosen.gather(1, our_order), chosen.gather(1, order))
+    assert_close_f32(our_weights.gather(1, our_order), weights.gather(1, order))
+
+
+def deepseek_v3_moe_state(moe) -> dict:
+    """This MoE block's weights under transformers' DeepseekV3MoE names."""
+    shared = {"gate_proj": "c_gate", "up_proj": "c_fc", "down_proj": "c_proj"}
+    state = {k: v for k, v in moe.state_dict().items() if not k.startswith("shared_experts.")}
+    state |= {f"shared_experts.{h}.weight": moe.shared_experts.get_submodule(o).weight for h, o in shared.items()}
+    state["gate.e_score_correction_bias"] = state.pop("e_score_correction_bias")
+    return state
+
+
 def test_sigmoid_router_with_correction_bias_and_shared_experts_equal_deepseek_v3():
     transformers = pytest.importorskip("transformers")
     from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3MoE
@@ -122,20 +141,11 @@ def test_sigmoid_router_with_correction_bias_and_shared_experts_equal_deepseek_v
                             n_shared_experts=1, n_group=1, topk_group=1, routed_scaling_factor=1.0,
                             norm_topk_prob=True)  # fmt: skip
     theirs = DeepseekV3MoE(hf_cfg)
-    shared = {"gate_proj": "c_gate", "up_proj": "c_fc", "down_proj": "c_proj"}
-    state = {k: v for k, v in moe.state_dict().items() if not k.startswith("shared_experts.")}
-    state |= {f"shared_experts.{h}.weight": moe.shared_experts.get_submodule(o).weight for h, o in shared.items()}
-    state["gate.e_score_correction_bias"] = state.pop("e_score_correction_bias")
-    theirs.load_state_dict(state)
+    theirs.load_state_dict(deepseek_v3_moe_state(moe))
     x = torch.randn(2, 11, 32)
     with torch.no_grad():
         assert_close_f32(moe(x), theirs(x))
-        _, weights, chosen = theirs.gate(x)
-        order = chosen.argsort(dim=-1)  # DeepSeek's top-k is unsorted
-        _, our_chosen, our_weights = moe.route(x.view(-1, 32))
-        our_order = our_chosen.argsort(dim=-1)
-        assert torch.equal(our_chosen.gather(1, our_order), chosen.gather(1, order))
-        assert_close_f32(our_weights.gather(1, our_order), weights.gather(1, order))
+        assert_same_routing(moe, theirs, x)
 
 
 def test_aux_loss_equals_transformers_and_its_gradient_reaches_the_router():

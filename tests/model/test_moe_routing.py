@@ -15,6 +15,7 @@ from gpt2lab.model.config import GPTConfig
 from gpt2lab.model.gpt import GPT
 from gpt2lab.model.moe import MoE
 from tests.conftest import assert_close_f32, assert_not_close_f32
+from tests.model.test_moe import assert_same_routing, deepseek_v3_moe_state
 
 BASE = dict(block_size=32, vocab_size=97, n_layer=2, n_head=4, n_embd=32, pos_embedding="rope", norm="rmsnorm",
             mlp="swiglu", mlp_hidden=40, bias=False, tie_embeddings=False)  # fmt: skip
@@ -43,11 +44,7 @@ def _deepseek_v3_moe(moe: MoE, **routing):
         moe_intermediate_size=12, n_shared_experts=1, norm_topk_prob=moe.norm_topk_prob, **routing,
     )  # fmt: skip
     theirs = DeepseekV3MoE(config)
-    shared = {"gate_proj": "c_gate", "up_proj": "c_fc", "down_proj": "c_proj"}
-    state = {k: v for k, v in moe.state_dict().items() if not k.startswith("shared_experts.")}
-    state |= {f"shared_experts.{h}.weight": moe.shared_experts.get_submodule(o).weight for h, o in shared.items()}
-    state["gate.e_score_correction_bias"] = state.pop("e_score_correction_bias")
-    theirs.load_state_dict(state)
+    theirs.load_state_dict(deepseek_v3_moe_state(moe))
     return theirs
 
 
@@ -59,12 +56,7 @@ def test_group_limited_scaled_routing_equals_deepseek_v3_moe(norm_topk_prob):
     with torch.no_grad():
         expected = theirs(x)
         assert_close_f32(moe(x), expected)
-        _, weights, chosen = theirs.gate(x)
-        order = chosen.argsort(dim=-1)  # DeepSeek's top-k is unsorted
-        _, our_chosen, our_weights = moe.route(x.view(-1, 32))
-        our_order = our_chosen.argsort(dim=-1)
-        assert torch.equal(our_chosen.gather(1, our_order), chosen.gather(1, order))
-        assert_close_f32(our_weights.gather(1, our_order), weights.gather(1, order))
+        assert_same_routing(moe, theirs, x)
         # each switch bites: routing over every group, or unscaled weights, is another function here
         moe.topk_group = moe.n_group
         assert_not_close_f32(moe(x), expected)

@@ -85,14 +85,10 @@ def reply_sequences(
             return PLAIN_STOP in tokenizer.decode(tokens[-8:])  # "\nUser:" is a few tokens
 
     def sequence(temperature: float, seed: int | None) -> Sequence:
-        return Sequence(prompt, budget, _ignore, temperature, seed=seed, end_ids=ends, stop=stop, tool=tool)
+        return Sequence(prompt, budget, temperature=temperature, seed=seed, end_ids=ends, stop=stop, tool=tool)
 
     sampled = [sequence(temperature, seed * 1_000_003 + j) for j in range(samples)] if samples > 1 else []
     return [sequence(0.0, None), *sampled]
-
-
-def _ignore(token: int | None, reason: str | None) -> None:
-    """Replies are read at the end, from each sequence's tokens."""
 
 
 @dataclass
@@ -186,7 +182,6 @@ def evaluate(
         jobs.append((i, reply_sequences(tokenizer, fitted, samples, temperature, budget, seed + i, chat)))
     rows = []
     bar = tqdm(total=len(jobs), desc=f"{task.name} {split}", disable=not progress)
-    left = {id(seq): n for n, (_, seqs) in enumerate(jobs) for seq in seqs}
     unfinished = [len(seqs) for _, seqs in jobs]
 
     def score(n: int) -> None:  # a problem's last sequence ended: score it, in the order they finish
@@ -203,16 +198,15 @@ def evaluate(
         if details:
             rows.append({"index": i, "answer": problems[i].answer, "greedy": greedy, "samples": sampled})
 
-    def ended(seq: Sequence, token: int | None, reason: str | None) -> None:
+    def ended(n: int, token: int | None, reason: str | None) -> None:  # n: the problem's place in jobs
         if reason is not None:
-            n = left[id(seq)]
             unfinished[n] -= 1
             if not unfinished[n]:
                 score(n)
 
-    for _, seqs in jobs:
+    for n, (_, seqs) in enumerate(jobs):
         for seq in seqs:
-            seq.emit = partial(ended, seq)
+            seq.emit = partial(ended, n)
     was_training = net.training
     try:
         Engine(net, max_batch=batch_size, max_len=net.config.block_size).run([s for _, seqs in jobs for s in seqs])

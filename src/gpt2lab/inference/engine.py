@@ -344,8 +344,9 @@ class Engine:
 
     def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
         """Each sequence's next token from its row of logits (rows, V), drawn in one batch, then taken."""
-        drawn = [i for i, s in enumerate(seqs) if not s.cancelled and not s.pending]
-        tokens = [s.pending.popleft() if s.pending else -1 for s in seqs]
+        forced = [bool(s.pending) for s in seqs]  # a tool's tokens go first: nothing is drawn for them
+        drawn = [i for i, s in enumerate(seqs) if not s.cancelled and not forced[i]]
+        tokens = [s.pending.popleft() if f else -1 for s, f in zip(seqs, forced)]
         if drawn:
             part = [seqs[i] for i in drawn]
             rows = logits if len(drawn) == len(seqs) else logits[drawn]
@@ -360,9 +361,9 @@ class Engine:
             for i, token in zip(drawn, new):
                 tokens[i] = token
         self._record_logprobs(seqs, logits, tokens)
-        for seq, token, forced in zip(seqs, tokens, [i not in drawn for i in range(len(seqs))]):
+        for seq, token, was_forced in zip(seqs, tokens, forced):
             if not seq.cancelled:
-                self._take(seq, token, forced)
+                self._take(seq, token, was_forced)
 
     def _record_logprobs(self, seqs: list[Sequence], logits: torch.Tensor, tokens: list[int]) -> None:
         """The model's own log-probs (before penalties and temperature) of the rows that ask, in one batch."""

@@ -67,10 +67,9 @@ def sample_next(
     B = logits.size(0)
     if temperature == 0:
         return logits.argmax(dim=-1)
-    uniform = torch.rand(B, dtype=torch.float64) if generator is None else draw_uniform(generator, B)
     return sample_rows(
         logits, torch.full((B,), float(temperature)), torch.full((B,), top_k or 0, dtype=torch.long),
-        torch.full((B,), 1.0 if top_p is None else float(top_p)), uniform.float(),
+        torch.full((B,), 1.0 if top_p is None else float(top_p)), draw_uniform(generator, B),
     )  # fmt: skip
 
 

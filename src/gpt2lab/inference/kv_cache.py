@@ -114,15 +114,6 @@ class BatchKVCache:
                 raise ValueError(f"KV cache full: slot {slot} holds {self.lengths[slot]} + {n} of {self.max_len}")
         self.slots, self.counts = list(slots), list(counts)
 
-    def load(self, slot: int, prefilled: KVCache) -> None:
-        """Copy a one-sequence cache's tokens into ``slot``."""
-        n = prefilled.pos
-        if n > self.max_len:
-            raise ValueError(f"{n} tokens do not fit the slot's {self.max_len} positions")
-        self.k[:, slot, :, :n] = prefilled.k[:, 0, :, :n]
-        self.v[:, slot, :, :n] = prefilled.v[:, 0, :, :n]
-        self.lengths[slot] = n
-
     def copy(self, src: int, dst: int) -> None:
         """Copy slot src's sequence into slot dst (src keeps it: several choices share one prefilled prompt)."""
         n = self.lengths[src]

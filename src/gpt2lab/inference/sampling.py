@@ -81,8 +81,8 @@ def _draw_filtered(scaled: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tenso
     return ids.gather(-1, _pick(probs.cumsum(dim=-1), uniform, last)[:, None])[:, 0]
 
 
-def draw_uniform(generator: torch.Generator, n: int = 1) -> torch.Tensor:
-    """n numbers in [0, 1) from a CPU generator: the randomness of n rows' next tokens."""
+def draw_uniform(generator: torch.Generator | None, n: int = 1) -> torch.Tensor:
+    """n numbers in [0, 1) from a CPU generator (None: torch's global one): the randomness of n rows' next tokens."""
     return torch.rand(n, generator=generator, dtype=torch.float64).float()
 
 

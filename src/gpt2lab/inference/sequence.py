@@ -28,13 +28,13 @@ class Sequence:
 
     ``emit(token, None)`` is called for every token (end tokens excluded), then once ``emit(None, reason)`` with
     reason "stop" (an end token), "length" (max_new_tokens or the context is used up), "cancelled" or
-    "error: ...". Set ``cancelled`` from any thread to stop it. ``tokens`` holds what was emitted; ``last`` is
-    -1 once it has ended with "stop".
+    "error: ..." (by default nowhere: RL and the evaluations read ``tokens`` at the end). Set ``cancelled`` from any
+    thread to stop it. ``tokens`` holds what was emitted; ``last`` is -1 once it has ended with "stop".
     """
 
     prompt: list[int]
     max_new_tokens: int
-    emit: Callable[[int | None, str | None], None]
+    emit: Callable[[int | None, str | None], None] = field(default=lambda token, reason: None, repr=False)
     temperature: float = 1.0
     top_k: int | None = None
     top_p: float | None = None

@@ -88,10 +88,6 @@ def make_task(rl: RLConfig):
     return get_task(rl.task, **options)
 
 
-def _ignore(token: int | None, reason: str | None) -> None:
-    """Rollouts read each sequence's tokens at the end: nothing to do per token."""
-
-
 def _seed(*parts: int) -> int:
     return random.Random(":".join(map(str, parts))).getrandbits(63)  # stable across processes (not hash())
 
@@ -174,8 +170,8 @@ class RolloutLoader:
         <|assistant_end|> (``last`` is -1 when it ended there)."""
         block, rl = self.model.config.block_size, self.rl
         seqs = [
-            Sequence(prompt, min(rl.max_new_tokens, block - len(prompt)), _ignore, rl.temperature, rl.top_k or None,
-                     seed=seed, end_ids=frozenset({self.end}), tool=self.tool)
+            Sequence(prompt, min(rl.max_new_tokens, block - len(prompt)), temperature=rl.temperature,
+                     top_k=rl.top_k or None, seed=seed, end_ids=frozenset({self.end}), tool=self.tool)
             for prompt, group in zip(prompts, seeds) for seed in group
         ]  # fmt: skip
         longest = max(len(p) for p in prompts) + rl.max_new_tokens
