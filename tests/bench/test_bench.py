@@ -192,3 +192,14 @@ def test_the_shakespeare_preset_carries_its_measured_figures():
     ref = load_config(REPO / "configs" / "shakespeare.toml").reference
     assert ref.at(0) is not None and ref.at(300) is not None and ref.tokens_per_s
     assert ref.device and ref.date and ref.torch
+
+
+@pytest.mark.parametrize("argv, why", [
+    (["--long-prompt", "100"], "--long-prompt N is the big request of --long-request K"),
+    (["--turns", "2", "--long-request", "2"], "two different benchmarks"),
+    (["--turns", "0"], "--turns must be >= 1"),
+    (["--long-request", "2", "--long-prompt", "3"], "--long-prompt tokens (>= 16)"),
+])  # fmt: skip
+def test_bench_serve_refuses_options_it_would_ignore_before_building_anything(argv, why, capsys):
+    assert main(["bench", "serve", *argv]) == 2
+    assert why in capsys.readouterr().err

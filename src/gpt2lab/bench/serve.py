@@ -214,12 +214,16 @@ def run_level(url: str, clients: int, requests: int, max_tokens: int, turns: boo
 def bench_serve(args: argparse.Namespace) -> int:
     from gpt2lab.serve.app import create_app, serve_in_thread
 
+    if args.long_prompt is not None and args.long_request is None:
+        raise Gpt2LabError("--long-prompt N is the big request of --long-request K: give both")
+    if args.turns is not None and args.long_request is not None:
+        raise Gpt2LabError("--turns and --long-request are two different benchmarks: give one")
     if args.long_request is not None:
         return bench_long_request(args)
-    if args.turns:
+    if min(args.clients) < 1 or args.requests < 1 or args.max_tokens < 1 or (args.turns is not None and args.turns < 1):
+        raise Gpt2LabError("--clients, --requests, --max-tokens and --turns must be >= 1")
+    if args.turns is not None:
         return bench_turns(args)
-    if min(args.clients) < 1 or args.requests < 1 or args.max_tokens < 1:
-        raise Gpt2LabError("--clients, --requests and --max-tokens must be >= 1")
     model, tokenizer = _served_model(args)
     service = _bench_service(model, tokenizer, max_batch=args.max_batch, max_queue=max(args.clients) * 2,
                              prefill_chunk=args.prefill_chunk)  # fmt: skip
@@ -251,8 +255,8 @@ def bench_long_request(args: argparse.Namespace) -> int:
     """``--long-request K``: the longest stall one huge chat request causes K other streams."""
     from gpt2lab.serve.app import create_app, serve_in_thread
 
-    if args.long_request < 1:
-        raise Gpt2LabError("--long-request takes the number of streaming clients (>= 1)")
+    if args.long_request < 1 or (args.long_prompt is not None and args.long_prompt < 16):
+        raise Gpt2LabError("--long-request takes the number of streaming clients (>= 1), --long-prompt tokens (>= 16)")
     big = long_prompt(args.long_prompt) if args.long_prompt else None  # else the huge chat
     model, tokenizer = _served_model(args, tiny=big is None)
     service = _bench_service(model, tokenizer, max_batch=args.max_batch, prefill_chunk=args.prefill_chunk)
