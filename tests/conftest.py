@@ -152,3 +152,23 @@ def tiny_deepseek_v3(seed: int, **overrides):
             layer.mlp.gate.weight.mul_(20)
             layer.mlp.gate.e_score_correction_bias.copy_(0.1 * torch.randn(config.n_routed_experts))
     return model
+
+
+# ----------------------------------------------------------------------------- gloo ranks in spawned processes
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def join_gloo(rank: int, world_size: int, port: int):
+    """Join a gloo group as torchrun's rank ``rank`` would: its environment, then gpt2lab's init_distributed."""
+    from gpt2lab.runtime.dist import init_distributed
+
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size))
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    return init_distributed("cpu")

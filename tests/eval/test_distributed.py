@@ -5,14 +5,14 @@ from __future__ import annotations
 import json
 import math
 import os
-import socket
 
 import numpy as np
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from tests.conftest import assert_close_f32
+from gpt2lab.runtime.dist import destroy_distributed
+from tests.conftest import assert_close_f32, free_port, join_gloo
 
 WORLD = 2
 
@@ -40,20 +40,14 @@ def _evaluate_all(model_dir: str, data_dir: str, rank: int, world_size: int) -> 
 
 def _worker(rank: int, port: int, model_dir: str, data_dir: str, out_dir: str) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
+    join_gloo(rank, WORLD, port)
     try:
         result = _evaluate_all(model_dir, data_dir, rank, WORLD)
         with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
             json.dump(result, f)
         dist.barrier()  # no rank tears the group down while its peer still talks to it (gloo may abort)
     finally:
-        dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        destroy_distributed()
 
 
 def test_two_gloo_ranks_equal_one_process(tiny_checkpoint, tmp_path):
@@ -66,7 +60,7 @@ def test_two_gloo_ranks_equal_one_process(tiny_checkpoint, tmp_path):
     make_dataset(data_dir, [rng.integers(0, 50257, 16 * 8 + 1).astype(np.uint16)])
     out = tmp_path / "out"
     out.mkdir()
-    mp.spawn(_worker, args=(_free_port(), str(tiny_checkpoint), str(data_dir), str(out)), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(free_port(), str(tiny_checkpoint), str(data_dir), str(out)), nprocs=WORLD, join=True)
     ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in range(WORLD)]
     single = _evaluate_all(str(tiny_checkpoint), str(data_dir), 0, 1)
 

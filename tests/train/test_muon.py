@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 
@@ -16,10 +15,11 @@ from gpt2lab.checkpoint import folder as ckpt
 from gpt2lab.cli.main import main
 from gpt2lab.model.config import GPTConfig
 from gpt2lab.model.gpt import GPT
+from gpt2lab.runtime.dist import destroy_distributed
 from gpt2lab.train import muon
 from gpt2lab.train.muon import NS_COEFFICIENTS, Muon, newton_schulz
 from gpt2lab.train.optim import OptimConfig, lr_at, make_optimizer, muon_param_groups, set_lr
-from tests.conftest import REPO, assert_close_f32
+from tests.conftest import REPO, assert_close_f32, free_port, join_gloo
 from tests.train.test_loop import read_metrics, shakespeare_data, write_config  # noqa: F401 (fixtures)
 
 MUON = {"name": "muon", "muon_lr": 0.02}
@@ -207,24 +207,18 @@ def _steps(counts: list[int]) -> list[torch.Tensor]:
 
 def _ddp_worker(rank: int, port: int, out: str) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    join_gloo(rank, 2, port)
     try:
         counts: list[int] = []
         params = _steps(counts)
         torch.save({"params": params, "calls": len(counts)}, os.path.join(out, f"rank{rank}.pt"))
         dist.barrier()  # no rank tears the group down while its peer still talks to it (gloo aborts: CI saw it)
     finally:
-        dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        destroy_distributed()
 
 
 def test_two_ranks_share_the_newton_schulz_work_and_agree_exactly(tmp_path):
-    mp.spawn(_ddp_worker, args=(_free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_ddp_worker, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     single_counts: list[int] = []
     single = _steps(single_counts)

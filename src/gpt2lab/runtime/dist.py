@@ -6,6 +6,7 @@ GPUs that have it and gloo elsewhere; without torchrun it is one process of rank
 
 from __future__ import annotations
 
+import importlib
 import os
 from dataclasses import dataclass
 
@@ -47,6 +48,11 @@ def init_distributed(device: str | None = None) -> DistInfo:
         device = f"cuda:{local_rank}"
         torch.cuda.set_device(device)
     if not dist.is_initialized():
+        # torch.distributed.nn binds group.WORLD into default arguments when it is first imported (torch._dynamo
+        # imports it, e.g. when an optimizer is built). Imported after the group exists, it keeps the group alive
+        # past destroy_process_group; gloo's threads then meet the interpreter's exit and abort a finished run
+        # ("terminate called without an active exception", SIGABRT). Imported first, the defaults bind None.
+        importlib.import_module("torch.distributed.nn")
         dist.init_process_group(backend=dist_backend(device))  # NCCL where present, else gloo
     return DistInfo(rank, local_rank, world_size, device)
 
