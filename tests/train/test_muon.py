@@ -276,6 +276,8 @@ def test_wsd_schedule_at_key_steps():
         ("muon_lr", "0", "optim.muon_lr must be > 0 (got 0.0)"),
         ("muon_momentum", "1", "optim.muon_momentum must be in [0, 1) (got 1.0)"),
         ("muon_weight_decay", "-0.1", "optim.muon_weight_decay must be >= 0 (got -0.1)"),
+        ("muon_momentum_start", "1", "optim.muon_momentum_start in [0, 1) (got 0, 1.0)"),
+        ("muon_momentum_warmup", "-1", "optim.muon_momentum_warmup must be >= 0 and"),
         ("decay_fraction", "0", "optim.decay_fraction must be in (0, 1] (got 0.0)"),
     ],
 )
@@ -307,10 +309,11 @@ def test_shakespeare_preset_trains_with_muon(tmp_path, shakespeare_data, capsys)
 STEPS = 8
 
 
-def test_resume_with_muon_gives_bit_identical_losses(tmp_path, shakespeare_data):  # noqa: F811
+@pytest.mark.parametrize("choices", [{}, {"muon_split": True, "muon_momentum_warmup": 6}], ids=["plain", "split"])
+def test_resume_with_muon_gives_bit_identical_losses(tmp_path, shakespeare_data, choices):  # noqa: F811
     """8 steps straight == 4 steps, resume, 4 steps: every loss, val loss, norm and lr equal exactly."""
     cfg = write_config(
-        tmp_path, shakespeare_data, optim={**MUON, "schedule": "wsd", "decay_steps": STEPS},
+        tmp_path, shakespeare_data, optim={**MUON, "schedule": "wsd", "decay_steps": STEPS, **choices},
         train={"max_steps": STEPS, "save_every": 0},
     )  # fmt: skip
     assert main(["train", str(cfg), "--run-dir", str(tmp_path / "straight")]) == 0
@@ -321,3 +324,5 @@ def test_resume_with_muon_gives_bit_identical_losses(tmp_path, shakespeare_data)
     resumed, straight = ({k: read_metrics(tmp_path / d, k) for k in keys} for d in ("run", "straight"))
     assert sorted(resumed["train_loss"]) == list(range(1, STEPS + 1))
     assert resumed == straight
+    groups = torch.load(ckpt.find_latest(run) / ckpt.OPTIMIZER_NAME, weights_only=True)["param_groups"]
+    assert [g.get("split") for g in groups if g["use_muon"]][1:] == ([(32, 32, 32)] if choices else [])

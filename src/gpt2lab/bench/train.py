@@ -86,11 +86,11 @@ class Variant:
     def step(self) -> float:
         """One optimizer step; its wall seconds."""
         from gpt2lab.train.loop import train_step
-        from gpt2lab.train.optim import lr_at, set_lr
+        from gpt2lab.train.optim import apply_schedule
         from gpt2lab.train.perf import set_attention_backend
 
         set_attention_backend(self.attn_backend)  # process-wide: the variants may differ
-        set_lr(self.optimizer, lr_at(len(self.losses), self.cfg.optim))
+        apply_schedule(self.optimizer, len(self.losses), self.cfg.optim)
         cuda = self.device.startswith("cuda")
         if cuda:
             base = torch.cuda.memory_allocated(self.device)

@@ -30,6 +30,11 @@ class CausalSelfAttention(nn.Module):
         self.q_norm = nn.RMSNorm(self.head_size, eps=config.layer_norm_epsilon) if qk_norm else nn.Identity()
         self.k_norm = nn.RMSNorm(self.head_size, eps=config.layer_norm_epsilon) if qk_norm else nn.Identity()
 
+    def fused_matrices(self) -> list[tuple[nn.Parameter, tuple[int, ...]]]:
+        """Weights that stack several matrices, with each one's rows: c_attn holds q, k and v (optim.muon_split)."""
+        kv_width = self.n_kv_head * self.head_size
+        return [(self.c_attn.weight, (self.n_head * self.head_size, kv_width, kv_width))]
+
     def forward(
         self,
         x: torch.Tensor,

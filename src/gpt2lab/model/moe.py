@@ -60,6 +60,11 @@ class Experts(nn.Module):
         # not by a decorator: torch.compiler.disable imports torch._dynamo, seconds that every import would pay
         self._grouped = torch.compiler.disable(self._grouped)
 
+    def fused_matrices(self) -> list[tuple[nn.Parameter, tuple[int, ...]]]:
+        """Weights that stack several matrices, with each one's rows: gate_up_proj holds gate, up (optim.muon_split)."""
+        hidden = self.down_proj.size(-1)
+        return [(self.gate_up_proj, (hidden, hidden))]
+
     def forward(self, x: torch.Tensor, chosen: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """sum_j weights[n, j] * expert_{chosen[n, j]}(x[n]) for x (N, C), chosen and weights (N, k)."""
         N, k = chosen.shape

@@ -40,7 +40,7 @@ from gpt2lab.runtime.dist import DistInfo, destroy_distributed, init_distributed
 from gpt2lab.train import dcp as dcp_checkpoint
 from gpt2lab.train import fsdp
 from gpt2lab.train.objective import Evaluation, Objective
-from gpt2lab.train.optim import OptimConfig, lr_at, set_lr
+from gpt2lab.train.optim import OptimConfig, apply_schedule
 from gpt2lab.train.perf import PerfConfig
 from gpt2lab.train.reference import speed_note, val_loss_note
 from gpt2lab.train.run import NEXT_TOKEN, Run, agree_micro_batch, finished, save, saved_micro_batch, setup
@@ -377,8 +377,7 @@ def loop(run: Run, stop: StopSignals) -> Path | None:
             _print0(info, f"step {0:>6} | val loss {metrics['val_loss']:.4f}{note}")
         while step < cfg.train.max_steps:
             t0 = time.perf_counter()
-            lr = lr_at(step, cfg.optim)
-            set_lr(run.optimizer, lr)
+            lr = apply_schedule(run.optimizer, step, cfg.optim)
             try:
                 loss, norm, stopping = train_step(
                     run.model, run.raw_model, run.optimizer, run.loader, run.grad_accum, autocast=run.autocast,

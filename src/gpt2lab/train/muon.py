@@ -18,6 +18,10 @@ Choices, and how they depart from the references:
 - Momentum: the EMA form of the Muon package, ``buf = lerp(buf, g, 1 - m)``; Nesterov: ``lerp(g, buf, m)``.
 - Weight decay: decoupled, as AdamW's: ``p *= 1 - lr * weight_decay`` before the update.
 - A 3-D parameter (MoE experts, (E, rows, cols)) is a batch of E matrices, each orthogonalised on its own.
+- A fused weight (attention's q, k, v in one c_attn; the experts' gate and up) is one matrix by default, its
+  shape scale sqrt(3) or sqrt(2); a group with ``split`` (``optim.muon_split``) takes each block of rows on its
+  own, scale 1, as nanochat's separate c_q, c_k, c_v are.
+- ``momentum`` may be warmed up by the schedule (``optim.muon_momentum_warmup``: modded-nanogpt's 0.85 -> 0.95).
 - DDP: the gradients are already all-reduced, so every rank keeps every momentum buffer (cheap, and rank 0's
   state_dict is complete for the checkpoint); the Newton-Schulz work is shared round-robin (matrix i on rank
   i % world_size) and each update is broadcast from its owner, so all ranks apply the identical update.
@@ -58,6 +62,20 @@ def newton_schulz(G: Tensor, steps: int = NS_STEPS, dtype: torch.dtype | None = 
 def shape_scale(shape: torch.Size) -> float:
     """modded-nanogpt's factor on the orthogonalised update of a (rows, cols) matrix: max(1, rows / cols) ** 0.5."""
     return max(1.0, shape[-2] / shape[-1]) ** 0.5
+
+
+def orthogonalise(update: Tensor, steps: int = NS_STEPS, split: tuple[int, ...] | None = None) -> Tensor:
+    """The scaled Newton-Schulz update of a matrix; with ``split``, of each block of rows on its own.
+
+    ``split`` lists the rows of the matrices a fused weight stacks (attention's q, k, v; the experts' gate, up),
+    as the references that keep them separate (nanochat's c_q, c_k, c_v) orthogonalise them (optim.muon_split).
+    """
+    if not split:
+        return newton_schulz(update, steps).mul_(shape_scale(update.shape))
+    if len(set(split)) == 1:  # equal blocks: one batched iteration over (..., blocks, rows, cols)
+        blocks = update.unflatten(-2, (len(split), split[0]))
+        return newton_schulz(blocks, steps).mul_(shape_scale(blocks.shape)).flatten(-3, -2)
+    return torch.cat([orthogonalise(b, steps) for b in update.split(list(split), dim=-2)], dim=-2)
 
 
 def _rank_and_world() -> tuple[int, int]:
@@ -111,7 +129,7 @@ class Muon(torch.optim.Optimizer):
             update = self._momentum(p, group)
             owner = i % world
             if owner == rank:
-                update = newton_schulz(update, group["ns_steps"]).to(p.dtype).mul_(shape_scale(p.shape)).contiguous()
+                update = orthogonalise(update, group["ns_steps"], group.get("split")).to(p.dtype).contiguous()
             else:
                 update = torch.empty_like(p)  # filled by the owner's broadcast
             work = dist.broadcast(update, src=owner, async_op=True) if world > 1 else None

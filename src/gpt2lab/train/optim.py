@@ -9,6 +9,8 @@ LayerNorm gains. The schedule is a linear warmup to ``lr`` followed by a cosine 
 ``muon_lr``; the embeddings, the LM head, norms and biases stay with AdamW at ``lr``. ``schedule = "wsd"``:
 warmup-stable-decay (MiniCPM, Hu et al. 2024; Hägele et al. 2024), a linear decay over the last
 ``decay_fraction`` of ``decay_steps`` instead of the cosine. The schedule scales every group's base lr alike.
+Three Muon choices of the references, off by default: ``muon_split`` (q, k, v orthogonalised one by one),
+``muon_momentum_warmup`` (0.85 -> 0.95, modded-nanogpt) and ``muon_router = false`` (the MoE router on AdamW).
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
+
+from gpt2lab.model.moe import MoE
 
 OPTIMIZERS = ("adamw", "muon")
 SCHEDULES = ("cosine", "wsd")
@@ -41,6 +45,12 @@ class OptimConfig:
     muon_lr: float = 0.02  # Muon's peak lr, in spectral norm per step (modded-nanogpt: 0.02-0.05)
     muon_momentum: float = 0.95  # Muon's Nesterov momentum
     muon_weight_decay: float = 0.0  # Muon's decoupled weight decay: p *= 1 - muon_lr * muon_weight_decay
+    muon_split: bool = False  # Muon takes a fused weight's matrices (q, k, v; gate, up) one by one, as nanochat's
+    muon_momentum_warmup: int = (
+        0  # steps over which Muon's momentum rises from muon_momentum_start (modded-nanogpt: 300)
+    )
+    muon_momentum_start: float = 0.85  # modded-nanogpt's start
+    muon_router: bool = True  # the MoE router's weight on Muon (as the block's other matrices); false = on AdamW
     schedule: str = "cosine"  # cosine | wsd (warmup, stable at lr, linear decay over the last decay_fraction)
     decay_fraction: float = 0.2  # wsd: the share of decay_steps spent decaying
 
@@ -67,6 +77,9 @@ class OptimConfig:
             problems.append(f"optim.muon_lr must be > 0 (got {self.muon_lr})")
         if not 0 <= self.muon_momentum < 1:
             problems.append(f"optim.muon_momentum must be in [0, 1) (got {self.muon_momentum})")
+        if self.muon_momentum_warmup < 0 or not 0 <= self.muon_momentum_start < 1:
+            problems.append("optim.muon_momentum_warmup must be >= 0 and optim.muon_momentum_start in [0, 1) "
+                            f"(got {self.muon_momentum_warmup}, {self.muon_momentum_start})")  # fmt: skip
         if self.muon_weight_decay < 0:
             problems.append(f"optim.muon_weight_decay must be >= 0 (got {self.muon_weight_decay})")
         if not 0 < self.decay_fraction <= 1:
@@ -119,24 +132,31 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 def muon_param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:
     """Muon for the matrices (2-D and MoE's 3-D) inside the blocks, embeddings excepted; AdamW for the rest.
 
-    The Muon group carries ``lr_scale = muon_lr / lr``, so ``set_lr`` moves both kinds of groups along one
-    schedule. The AdamW groups are ``param_groups``' (decay on 2-D+, none on 1-D).
+    The Muon groups carry ``lr_scale = muon_lr / lr``, so ``set_lr`` moves both kinds of groups along one
+    schedule. The AdamW groups are ``param_groups``' (decay on 2-D+, none on 1-D). With ``muon_split``, the
+    fused weights (``fused_matrices()`` of attention and experts) form one more Muon group per row layout, its
+    ``split`` naming the rows of each matrix; with ``muon_router = false`` the routers join AdamW's groups.
     """
-    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
-    muon, rest = [], []
+    not_muon = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    if not cfg.muon_router:
+        not_muon |= {id(m.gate.weight) for m in model.modules() if isinstance(m, MoE)}
+    splits = {id(p): rows for m in model.modules() if hasattr(m, "fused_matrices") for p, rows in m.fused_matrices()}
+    muon: dict[tuple[int, ...] | None, list] = {None: []}  # split -> params
+    rest = []
     for name, p in model.named_parameters():  # tied weights appear once (as transformer.wte.weight)
         if not p.requires_grad:
             continue
-        in_block = name.startswith("transformer.h.")
-        (muon if in_block and p.dim() >= 2 and id(p) not in embeddings else rest).append(p)
-    muon_group = dict(
-        params=muon, use_muon=True, lr=cfg.muon_lr, lr_scale=cfg.muon_lr / cfg.lr, momentum=cfg.muon_momentum,
-        weight_decay=cfg.muon_weight_decay,
-    )  # fmt: skip
+        if name.startswith("transformer.h.") and p.dim() >= 2 and id(p) not in not_muon:
+            muon.setdefault(splits.get(id(p)) if cfg.muon_split else None, []).append(p)
+        else:
+            rest.append(p)
+    base = dict(use_muon=True, lr=cfg.muon_lr, lr_scale=cfg.muon_lr / cfg.lr, momentum=cfg.muon_momentum)
+    groups = [dict(base, params=ps, weight_decay=cfg.muon_weight_decay, **({"split": split} if split else {}))
+              for split, ps in muon.items()]  # fmt: skip
     decay = [p for p in rest if p.dim() >= 2]
     no_decay = [p for p in rest if p.dim() < 2]
     adamw = [dict(params=decay, weight_decay=cfg.weight_decay), dict(params=no_decay, weight_decay=0.0)]
-    groups = [muon_group] + [dict(g, use_muon=False, lr=cfg.lr) for g in adamw]
+    groups += [dict(g, use_muon=False, lr=cfg.lr) for g in adamw]
     return [g for g in groups if g["params"]]
 
 
@@ -161,6 +181,24 @@ def make_optimizer(model: nn.Module, cfg: OptimConfig, device: str) -> torch.opt
         eps=cfg.eps,
         fused=fused or None,  # None lets torch pick foreach on CPU
     )
+
+
+def muon_momentum_at(step: int, cfg: OptimConfig) -> float:
+    """Muon's momentum at ``step``: linear from muon_momentum_start to muon_momentum over the warmup, then flat."""
+    if step >= cfg.muon_momentum_warmup:
+        return cfg.muon_momentum
+    frac = step / cfg.muon_momentum_warmup
+    return cfg.muon_momentum_start + frac * (cfg.muon_momentum - cfg.muon_momentum_start)
+
+
+def apply_schedule(optimizer: torch.optim.Optimizer, step: int, cfg: OptimConfig) -> float:
+    """Step ``step``'s learning rate into every group (``set_lr``) and momentum into Muon's; returns the lr."""
+    lr = lr_at(step, cfg)
+    set_lr(optimizer, lr)
+    for group in optimizer.param_groups:
+        if group.get("use_muon"):
+            group["momentum"] = muon_momentum_at(step, cfg)
+    return lr
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
