@@ -11,6 +11,8 @@ autocast, torch.compile, fused AdamW, flash attention):
   training graph is never recompiled (TORCH_LOGS=recompiles prints nothing);
 - the same run split in two: 15 steps under torchrun (the DDP/NCCL path), then resumed without it to
   step 30: both halves follow the uninterrupted run's loss curve;
+- 15 steps with FSDP2 under torchrun (one rank; bf16 parameters by its mixed-precision policy on CUDA):
+  the same curve within 3%;
 - HellaSwag on a few hundred examples (the mirror's text-derived file, or --hellaswag);
 - greedy samples with --decode eager, static and graph: the same tokens;
 - each architecture variant for a few steps, compiled, then decoded with its KV cache (eager and
@@ -30,6 +32,7 @@ import time
 from pathlib import Path
 
 RESUME_RTOL = 1e-2  # bf16 autocast and atomics in the backward pass: losses agree to ~1e-3, not bitwise
+FSDP_RTOL = 3e-2  # FSDP's bf16 parameters (its mixed-precision policy) against autocast's float32 ones; a guess
 PROMPT = "The meaning of life is"
 LEARNS = 0.1  # nats the loss must fall: a run whose weights never move stays within a few hundredths
 
@@ -96,11 +99,11 @@ def loss_goes_down(c: Checks, name: str, losses: dict[int, float]) -> None:
     c.report(name, last < first - LEARNS, f"loss {first:.3f} at step {steps[0]} -> {last:.3f} (mean of the last 3)")
 
 
-def same_curve(c: Checks, name: str, ours: dict[int, float], reference: dict[int, float], steps: range) -> None:
+def same_curve(
+    c: Checks, name: str, ours: dict[int, float], reference: dict[int, float], steps: range, rtol: float = RESUME_RTOL
+) -> None:
     worst = max(abs(ours[s] - reference[s]) / abs(reference[s]) for s in steps)
-    c.report(
-        name, worst <= RESUME_RTOL, f"steps {steps.start}-{steps.stop - 1}: largest relative difference {worst:.1e}"
-    )
+    c.report(name, worst <= rtol, f"steps {steps.start}-{steps.stop - 1}: largest relative difference {worst:.1e}")
 
 
 def no_recompiles(c: Checks, name: str, proc: subprocess.CompletedProcess) -> None:
@@ -143,6 +146,11 @@ def check_gpt2(c: Checks, args: argparse.Namespace, runs: Path) -> Path:
         resumed = c.run("resume", gpt2lab("train", "--resume", str(split), *sets(["train.max_steps=30"])), watch)
         if resumed.returncode == 0:
             same_curve(c, "resume continues the curve", train_losses(split), reference, range(16, 31))
+    fsdp_run, fsdp_sets = runs / "gpt2-fsdp", sets(["train.max_steps=15", "train.parallel=fsdp"])
+    fsdp = c.run("torchrun fsdp 124M", [*torchrun, "train", *base, *fsdp_sets, "--run-dir", str(fsdp_run)])
+    if fsdp.returncode == 0:
+        name = "FSDP2 (bf16 mixed precision on CUDA) follows the same curve"
+        same_curve(c, name, train_losses(fsdp_run), reference, range(1, 16), rtol=FSDP_RTOL)
     hs_args = ["--limit", str(args.hellaswag_limit), "--json", str(runs / "hellaswag.json")]
     hs_args += ["--data", args.hellaswag] if args.hellaswag else []
     hs = c.run("hellaswag", gpt2lab("eval", "hellaswag", "--model", str(full), *hs_args))

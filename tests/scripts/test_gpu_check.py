@@ -16,7 +16,7 @@ SCRIPT = REPO / "scripts" / "gpu_check.py"
 
 
 def test_the_check_script_passes_on_a_toy_run(tmp_path):
-    """Train, torchrun + resume on the same curve, HellaSwag, decoding modes: every line PASS, exit 0."""
+    """Train, torchrun + resume and FSDP on the same curve, HellaSwag, decoding modes: every line PASS, exit 0."""
     data = tmp_path / "data"
     env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
     prepare = [sys.executable, "-m", "gpt2lab", "data", "prepare", "shakespeare", "--out", str(data)]
@@ -25,8 +25,8 @@ def test_the_check_script_passes_on_a_toy_run(tmp_path):
     proc = subprocess.run([*cmd, "--only", "gpt2", "--hellaswag-limit", "8"], capture_output=True, text=True, env=env)
     lines = [line for line in proc.stdout.splitlines() if line.startswith(("PASS", "FAIL"))]
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert len(lines) == 6 and all(line.startswith("PASS") for line in lines), lines
-    assert "resume continues the curve" in proc.stdout
+    assert len(lines) == 7 and all(line.startswith("PASS") for line in lines), lines
+    assert "resume continues the curve" in proc.stdout and "FSDP2 (bf16 mixed precision on CUDA)" in proc.stdout
 
 
 def test_the_comparisons_fail_on_a_real_difference(tmp_path, capsys):
