@@ -46,9 +46,7 @@ class OptimConfig:
     muon_momentum: float = 0.95  # Muon's Nesterov momentum
     muon_weight_decay: float = 0.0  # Muon's decoupled weight decay: p *= 1 - muon_lr * muon_weight_decay
     muon_split: bool = False  # Muon takes a fused weight's matrices (q, k, v; gate, up) one by one, as nanochat's
-    muon_momentum_warmup: int = (
-        0  # steps over which Muon's momentum rises from muon_momentum_start (modded-nanogpt: 300)
-    )
+    muon_momentum_warmup: int = 0  # steps for the momentum to rise from muon_momentum_start (modded-nanogpt: 300)
     muon_momentum_start: float = 0.85  # modded-nanogpt's start
     muon_router: bool = True  # the MoE router's weight on Muon (as the block's other matrices); false = on AdamW
     schedule: str = "cosine"  # cosine | wsd (warmup, stable at lr, linear decay over the last decay_fraction)
