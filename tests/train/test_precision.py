@@ -58,15 +58,15 @@ class InfGradient(torch.autograd.Function):
 
 @pytest.fixture
 def overflow_at_one_step(monkeypatch):
-    """Make the gradient of optimizer step OVERFLOW_STEP inf (the loop's lr_at call tells which step it is)."""
+    """Make the gradient of optimizer step OVERFLOW_STEP inf (the loop's apply_schedule call tells which step it is)."""
     from gpt2lab.train import loop as train
 
     current = {"step": -1}
-    lr_at, forward = train.lr_at, GPT.forward
+    apply_schedule, forward = train.apply_schedule, GPT.forward
 
-    def tracking_lr_at(step, cfg):
+    def tracking_schedule(optimizer, step, cfg):
         current["step"] = step
-        return lr_at(step, cfg)
+        return apply_schedule(optimizer, step, cfg)
 
     def forward_with_overflow(self, idx, targets=None, kv_cache=None):
         logits, loss = forward(self, idx, targets, kv_cache)
@@ -74,7 +74,7 @@ def overflow_at_one_step(monkeypatch):
             loss = InfGradient.apply(loss)
         return logits, loss
 
-    monkeypatch.setattr(train, "lr_at", tracking_lr_at)
+    monkeypatch.setattr(train, "apply_schedule", tracking_schedule)
     monkeypatch.setattr(GPT, "forward", forward_with_overflow)
 
 
