@@ -363,16 +363,13 @@ def test_a_base_model_is_served_a_plain_transcript_that_stops_at_the_next_user_t
 def test_the_serve_command_serves_a_run_folder(tmp_path, tokenizer):
     """`gpt2lab serve --model RUN` as a user starts it: it answers the API and the page, and stops on SIGINT."""
     import signal
-    import socket
     import subprocess
 
     from gpt2lab.checkpoint.folder import TRAIN_STATE_KEY, save_model
-    from tests.conftest import REPO
+    from tests.conftest import REPO, free_port
 
     save_model(tiny_chat_model(BLOCK), tmp_path / "chat", extra={TRAIN_STATE_KEY: {"config": {"sft": {"data": "x"}}}})
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": "1"}
     argv = [sys.executable, "-m", "gpt2lab", "serve", "--model", str(tmp_path / "chat"), "--port", str(port),
             "--device", "cpu", "--log-level", "warning"]  # fmt: skip

@@ -131,7 +131,7 @@ def test_adamw_groups_match_torch_adamw():
 # ----------------------------------------------------------------------------- which parameter goes where
 
 
-def _names(model: torch.nn.Module, params: list) -> list[str]:
+def param_names(model: torch.nn.Module, params: list) -> list[str]:
     names = {id(p): n for n, p in model.named_parameters()}
     return sorted(names[id(p)] for p in params)
 
@@ -142,9 +142,9 @@ def test_groups_on_gpt2_send_the_block_matrices_to_muon():
     muon_group, decay, no_decay = muon_param_groups(model, cfg)
     matrices = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
     expected = sorted(f"transformer.h.{i}.{m}.weight" for i in range(2) for m in matrices)
-    assert _names(model, muon_group["params"]) == expected
+    assert param_names(model, muon_group["params"]) == expected
     assert muon_group["use_muon"] and muon_group["momentum"] == 0.9 and muon_group["weight_decay"] == 0.01
-    assert _names(model, decay["params"]) == ["transformer.wpe.weight", "transformer.wte.weight"]  # wte is the head
+    assert param_names(model, decay["params"]) == ["transformer.wpe.weight", "transformer.wte.weight"]  # wte: the head
     assert not decay["use_muon"] and decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
     assert all(p.dim() == 1 for p in no_decay["params"]) and len(no_decay["params"]) == 2 * 8 + 2
     opt = make_optimizer(model, cfg, "cpu")
@@ -161,10 +161,10 @@ def test_groups_with_experts_and_an_untied_head():
     )  # fmt: skip
     model = GPT(cfg)
     muon_group, decay, no_decay = muon_param_groups(model, OptimConfig(**MUON))
-    names = _names(model, muon_group["params"])
+    names = param_names(model, muon_group["params"])
     assert "transformer.h.1.mlp.experts.gate_up_proj" in names and "transformer.h.1.mlp.gate.weight" in names
     assert all(n.startswith("transformer.h.") for n in names)
-    assert _names(model, decay["params"]) == ["lm_head.weight", "transformer.wte.weight"]
+    assert param_names(model, decay["params"]) == ["lm_head.weight", "transformer.wte.weight"]
     assert all(p.dim() == 1 for p in no_decay["params"])
     assert sum(len(g["params"]) for g in (muon_group, decay, no_decay)) == len(list(model.parameters()))
 

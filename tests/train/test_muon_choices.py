@@ -12,7 +12,7 @@ from gpt2lab.model.gpt import GPT
 from gpt2lab.train.muon import Muon, orthogonalise
 from gpt2lab.train.optim import OptimConfig, apply_schedule, make_optimizer, muon_momentum_at, muon_param_groups
 from tests.conftest import assert_close_f32, assert_not_close_f32
-from tests.train.test_muon import MUON, _names, reference_orthogonalize
+from tests.train.test_muon import MUON, param_names, reference_orthogonalize
 
 MOE = dict(
     block_size=16, vocab_size=64, n_layer=2, n_head=4, n_kv_head=2, n_embd=16, pos_embedding="rope", norm="rmsnorm",
@@ -35,7 +35,7 @@ def test_split_orthogonalises_each_block_on_its_own(split):
 def test_split_groups_hold_the_fused_weights_with_their_rows():
     model = GPT(GPTConfig(**MOE))
     groups = muon_param_groups(model, OptimConfig(**MUON, muon_split=True))
-    by_split = {g.get("split"): _names(model, g["params"]) for g in groups if g["use_muon"]}
+    by_split = {g.get("split"): param_names(model, g["params"]) for g in groups if g["use_muon"]}
     assert by_split[(16, 8, 8)] == [f"transformer.h.{i}.attn.c_attn.weight" for i in range(2)]  # q 4x4, k, v 2x4
     assert by_split[(8, 8)] == ["transformer.h.1.mlp.experts.gate_up_proj"]
     assert "transformer.h.1.mlp.gate.weight" in by_split[None] and "transformer.h.0.mlp.c_gate.weight" in by_split[None]
@@ -68,10 +68,10 @@ def test_split_changes_the_step_of_the_fused_weights_only():
 def test_router_on_adamw():
     model = GPT(GPTConfig(**MOE))
     groups = muon_param_groups(model, OptimConfig(**MUON, muon_router=False))
-    muon_names = [n for g in groups if g["use_muon"] for n in _names(model, g["params"])]
+    muon_names = [n for g in groups if g["use_muon"] for n in param_names(model, g["params"])]
     decay = next(g for g in groups if not g["use_muon"] and g["weight_decay"] > 0)
     assert "transformer.h.1.mlp.gate.weight" not in muon_names
-    assert "transformer.h.1.mlp.gate.weight" in _names(model, decay["params"])
+    assert "transformer.h.1.mlp.gate.weight" in param_names(model, decay["params"])
     assert "transformer.h.1.mlp.experts.gate_up_proj" in muon_names
 
 

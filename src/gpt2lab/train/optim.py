@@ -148,9 +148,9 @@ def muon_param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:
             muon.setdefault(splits.get(id(p)) if cfg.muon_split else None, []).append(p)
         else:
             rest.append(p)
-    base = dict(use_muon=True, lr=cfg.muon_lr, lr_scale=cfg.muon_lr / cfg.lr, momentum=cfg.muon_momentum)
-    groups = [dict(base, params=ps, weight_decay=cfg.muon_weight_decay, **({"split": split} if split else {}))
-              for split, ps in muon.items()]  # fmt: skip
+    base = dict(use_muon=True, lr=cfg.muon_lr, lr_scale=cfg.muon_lr / cfg.lr, momentum=cfg.muon_momentum,
+                weight_decay=cfg.muon_weight_decay)  # fmt: skip
+    groups = [dict(base, params=ps, **({"split": split} if split else {})) for split, ps in muon.items()]
     decay = [p for p in rest if p.dim() >= 2]
     no_decay = [p for p in rest if p.dim() < 2]
     adamw = [dict(params=decay, weight_decay=cfg.weight_decay), dict(params=no_decay, weight_decay=0.0)]
